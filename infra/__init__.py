@@ -1,0 +1,1 @@
+"""Operations: topic definitions, ClickHouse migrations and the local Kafka launcher."""

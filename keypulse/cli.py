@@ -1,0 +1,64 @@
+"""`keypulse`: one console script (DESIGN §6).
+
+Each subcommand lives in `keypulse/commands/<name>.py` with `add_arguments(parser)` and
+`run(args, settings) -> int`. Deliberate errors (KeypulseError) print as one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from keypulse import __version__
+from keypulse.errors import KeypulseError
+
+COMMANDS: dict[str, str] = {
+    "kafka": "local single-node Apache Kafka (KRaft): start, stop, status",
+    "migrate": "create or upgrade the ClickHouse schema at the DSN",
+    "run": "the embedded default: pipeline, HTTP API and WebSocket bridge in one process",
+    "pipeline": "the Bytewax dataflow alone (several processes form one cluster)",
+    "api": "the HTTP API alone",
+    "ws": "the WebSocket bridge alone",
+    "gen": "emit realistic usage events to Kafka (SDK stand-in and load generator)",
+    "token": "mint a JWT with the configured secret",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keypulse", description="Real-time usage analytics for managed API keys."
+    )
+    parser.add_argument("--version", action="version", version=f"keypulse {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"keypulse.commands.{name}")
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from keypulse.settings import get_settings
+
+        settings = get_settings()
+        logging.basicConfig(
+            level=args.log_level or settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return int(args._module.run(args, settings))
+    except KeypulseError as exc:
+        print(f"keypulse {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

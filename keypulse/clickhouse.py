@@ -1,0 +1,63 @@
+"""The one factory for ClickHouse clients: embedded chDB (`chdb:///path`) or a server (`http://`).
+
+Only one process may open an embedded path, so a process opens it once and shares the
+client (`shared_client`). Every query names the database explicitly.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from keypulse.errors import ServiceError
+from keypulse.settings import Settings
+
+_lock = threading.Lock()
+_shared: dict[str, Client] = {}
+
+
+def connect(dsn: str) -> Client:
+    """Open a client for a DSN; ServiceError with one clear line when it cannot."""
+    try:
+        if dsn.startswith("chdb://"):
+            path = Path(urlparse(dsn).path or dsn.removeprefix("chdb://"))
+            path.mkdir(parents=True, exist_ok=True)
+            return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        client = clickhouse_connect.get_client(dsn=dsn, connect_timeout=5, send_receive_timeout=60)
+        client.command("SELECT 1")
+        return client
+    except Exception as exc:  # clickhouse-connect raises several unrelated types
+        msg = f"cannot reach ClickHouse at {redact(dsn)}: {_first_line(exc)}"
+        raise ServiceError(msg) from None
+
+
+def shared_client(settings: Settings) -> Client:
+    """One client per DSN per process (required for embedded chDB)."""
+    dsn = settings.dsn
+    with _lock:
+        client = _shared.get(dsn)
+        if client is None:
+            client = connect(dsn)
+            _shared[dsn] = client
+        return client
+
+
+def redact(dsn: str) -> str:
+    parsed = urlparse(dsn)
+    if parsed.password:
+        return dsn.replace(f":{parsed.password}@", ":***@")
+    return dsn
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def query_rows(client: Client, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in client.query(sql, parameters=parameters).result_rows]

@@ -1,0 +1,46 @@
+"""Kafka client configuration: the one place that knows how keypulse talks to the broker.
+
+Producers use the murmur2 partitioner, the same as the Java client, so that a
+`user_id` key lands on the same partition whichever client produced it; the
+dataflow and the bridge rely on "one user, one partition".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keypulse.settings import Settings
+
+
+def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "partitioner": "murmur2_random",
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "batch.num.messages": 10_000,
+        "queue.buffering.max.messages": 1_000_000,
+    }
+    config.update(overrides)
+    return config
+
+
+def consumer_config(settings: Settings, group_id: str | None = None, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": group_id or "keypulse-reader",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+    }
+    config.update(overrides)
+    return config
+
+
+def admin_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap}
+    config.update(overrides)
+    return config

@@ -1,0 +1,146 @@
+"""The one settings object (DESIGN §5). Nothing else in keypulse reads the environment."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from keypulse.errors import ConfigError
+
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "dev", "test"})
+DEV_JWT_SECRET = "keypulse-dev-only-secret-do-not-use-in-production"  # noqa: S105
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Validated configuration, read once from `KEYPULSE_*` variables (and `.env`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KEYPULSE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    dev: bool = Field(False, description="development mode: allows the built-in JWT secret")
+    data_dir: Path = Path(".keypulse")
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_controller_port: int = Field(0, ge=0, le=65535, description="0: bootstrap port + 1")
+    kafka_heap_mb: int = Field(512, ge=128, le=512)
+    topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+    topic_partitions: int = Field(4, ge=1, le=256)
+    clickhouse_dsn: str = ""
+    clickhouse_database: str = "keypulse"
+    events_ttl_days: int = Field(30, ge=1, le=3650)
+
+    jwt_secret: SecretStr = SecretStr("")
+    jwt_audience: str = "keypulse"
+    jwt_issuer: str = "keypulse"
+    jwt_algorithm: Literal["HS256"] = "HS256"
+    jwt_leeway_seconds: int = Field(10, ge=0, le=300)
+
+    window_seconds: int = Field(10, ge=1, le=86_400)
+    allowed_lateness_seconds: int = Field(5, ge=0, le=86_400)
+    dedup_horizon_seconds: int = Field(3600, ge=0, le=7 * 86_400)
+    dedup_max_ids: int = Field(5_000_000, ge=1000)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    ws_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ws_max_connections_per_user: int = Field(20, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("ws_allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                msg = f"KEYPULSE_KAFKA_BOOTSTRAP: expected host:port[,host:port], got {value!r}"
+                raise ValueError(msg)
+        return value
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        if value and not value.startswith(("chdb://", "http://", "https://")):
+            msg = f"KEYPULSE_CLICKHOUSE_DSN must start with chdb://, http:// or https://: {value!r}"
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _secret(self) -> Settings:
+        if self.dev:
+            return self
+        secret = self.jwt_secret.get_secret_value()
+        if secret.lower() in PLACEHOLDER_SECRETS or secret == DEV_JWT_SECRET:
+            msg = (
+                "KEYPULSE_JWT_SECRET is missing or a placeholder; set a random secret of at "
+                "least 32 characters (or KEYPULSE_DEV=1 for local development)"
+            )
+            raise ValueError(msg)
+        if len(secret) < 32:
+            msg = "KEYPULSE_JWT_SECRET must be at least 32 characters"
+            raise ValueError(msg)
+        return self
+
+    # -- derived values ---------------------------------------------------------------
+
+    @property
+    def jwt_key(self) -> str:
+        secret = self.jwt_secret.get_secret_value()
+        return secret if secret else DEV_JWT_SECRET
+
+    @property
+    def dsn(self) -> str:
+        if self.clickhouse_dsn:
+            return self.clickhouse_dsn
+        return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.dsn.startswith("chdb://")
+
+    @property
+    def bootstrap_host_port(self) -> tuple[str, int]:
+        host, _, port = self.kafka_bootstrap.split(",")[0].strip().rpartition(":")
+        return host, int(port)
+
+    @property
+    def controller_port(self) -> int:
+        return self.kafka_controller_port or self.bootstrap_host_port[1] + 1
+
+    def topic(self, name: str) -> str:
+        """The physical topic name for a DESIGN §4 topic name."""
+        return f"{self.topic_prefix}{name}"
+
+
+def load(**overrides: object) -> Settings:
+    """Build settings from the environment, with explicit overrides; ConfigError if invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(problems) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load()
