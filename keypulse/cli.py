@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=args.log_level or settings.log_level,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        for noisy in ("urllib3", "clickhouse_connect"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
         return int(args._module.run(args, settings))
     except KeypulseError as exc:
         print(f"keypulse {args.command}: {exc}", file=sys.stderr)

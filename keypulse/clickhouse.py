@@ -6,6 +6,7 @@ client (`shared_client`). Every query names the database explicitly.
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ def redact(dsn: str) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
+    if errno := re.search(r"\[Errno -?\d+\] ([^\"')]+)", text):
+        return errno.group(1).strip()
     return text.splitlines()[0][:300]
 
 

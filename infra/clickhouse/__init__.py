@@ -1,0 +1,1 @@
+"""ClickHouse schema: versioned SQL migrations and the runner that applies them."""

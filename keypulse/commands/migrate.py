@@ -1,0 +1,25 @@
+"""`keypulse migrate`: create or upgrade the ClickHouse schema at the DSN."""
+
+from __future__ import annotations
+
+import argparse
+
+from infra.clickhouse.migrate import migrate
+from keypulse.clickhouse import connect, redact
+from keypulse.settings import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", help="ClickHouse DSN (default: KEYPULSE_CLICKHOUSE_DSN or embedded)")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    dsn = args.dsn or settings.dsn
+    client = connect(dsn)
+    applied = migrate(client, settings, progress=lambda line: print(f"  {line}", flush=True))
+    where = redact(dsn)
+    if applied:
+        print(f"migrated {where}: applied {', '.join(applied)}")
+    else:
+        print(f"{where} is up to date")
+    return 0
