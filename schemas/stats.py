@@ -35,5 +35,4 @@ class StatsRecord(msgspec.Struct, kw_only=True, frozen=True):
     tokens_in: Count
     tokens_out: Count
     cost_usd: NonNeg
-    late_events: Count = 0
     schema_version: int = 1

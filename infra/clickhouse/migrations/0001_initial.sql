@@ -55,7 +55,6 @@ CREATE TABLE IF NOT EXISTS {db}.usage_stats
     tokens_in         UInt64,
     tokens_out        UInt64,
     cost_usd          Float64,
-    late_events       UInt64,
     emitted_at        DateTime64(3, 'UTC')
 )
 ENGINE = ReplacingMergeTree(emitted_at)

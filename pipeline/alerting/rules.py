@@ -1,0 +1,240 @@
+"""The alert rules in force: defaults for every user, each user's own rules, live updates.
+
+Rules arrive on the compacted topic `alert.rules` (key `rule_id`, value an `AlertRule`
+as JSON, a null value deletes). `RuleBook` applies them and answers `rules_for(user,
+service)` with one dict lookup per call (cached tuples, rebuilt only for a user whose
+rules changed).
+
+Defaults ("global" rules, `user_id` "*"). The book starts with three templates:
+
+    default:*:error_rate        error_rate > 0.05        for_windows 2
+    default:*:latency_p95_ms    latency_p95_ms > 2000    for_windows 2
+    default:*:requests_anomaly  requests_anomaly > 4 (z-score)
+
+A template applies to every user as the rule `default:{user_id}:{name}` (the `*` segment
+replaced by the user id, so ids stay deterministic). An admin may replace a template by
+publishing a rule with `user_id` "*" and the template's id and a higher version, or add
+new templates (`<prefix>:*:<name>`; an id without `:*:` gets `:{user_id}` appended).
+
+Override. A user's own rule takes a template's place when either
+  * its `rule_id` is the template's per-user id (`default:alice:error_rate`): the way the
+    dashboard edits or switches off (enabled=False) a default for one user; deleting that
+    rule (tombstone) brings the default back; or
+  * it has the template's metric and no service filter: a user who writes their own
+    unfiltered error-rate rule expects it to replace the default, not to get both.
+Both count whether the user's rule is enabled or not. A service-filtered user rule
+(`service: stripe`) does not remove the default for other services.
+
+Versions. An update whose `version` is lower than the one already applied for that
+`rule_id` is ignored (two API replicas racing); equal versions apply (idempotent
+replays). A tombstone deletes whatever version is there and remembers it, so a stale
+upsert of that version or older cannot resurrect the rule; recreate with a higher version.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import msgspec
+
+from keypulse.errors import KeypulseError
+from schemas.alerts import AlertRule, Metric, Op, Severity
+from schemas.notifications import SYSTEM_USER
+
+logger = logging.getLogger(__name__)
+
+GLOBAL_USER = SYSTEM_USER
+"""`user_id` of a template that applies to every user."""
+
+DEFAULT_PREFIX = "default"
+
+
+class InvalidRuleMessage(KeypulseError):
+    """An `alert.rules` message that is not a rule: divert it, do not crash the flow."""
+
+
+class RuleChange(NamedTuple):
+    """One decoded `alert.rules` message: `rule` None is a delete (tombstone)."""
+
+    rule_id: str
+    rule: AlertRule | None
+
+
+def default_rule_id(user_id: str, name: str) -> str:
+    """`default:{user_id}:{name}`, the id a default has for one user."""
+    return f"{DEFAULT_PREFIX}:{user_id}:{name}"
+
+
+def default_rules() -> tuple[AlertRule, ...]:
+    """The built-in templates (DESIGN §3), `user_id` "*"."""
+    return (
+        AlertRule(
+            rule_id=default_rule_id(GLOBAL_USER, "error_rate"), user_id=GLOBAL_USER,
+            name="Error rate above 5%", metric=Metric.ERROR_RATE, op=Op.GT, threshold=0.05,
+            for_windows=2, severity=Severity.WARNING,
+        ),
+        AlertRule(
+            rule_id=default_rule_id(GLOBAL_USER, "latency_p95_ms"), user_id=GLOBAL_USER,
+            name="p95 latency above 2 s", metric=Metric.LATENCY_P95_MS, op=Op.GT,
+            threshold=2000.0, for_windows=2, severity=Severity.WARNING,
+        ),
+        AlertRule(
+            rule_id=default_rule_id(GLOBAL_USER, "requests_anomaly"), user_id=GLOBAL_USER,
+            name="Request volume spike", metric=Metric.REQUESTS_ANOMALY, op=Op.GT,
+            threshold=4.0, severity=Severity.INFO,
+        ),
+    )
+
+
+def instance_id(template_id: str, user_id: str) -> str:
+    """The id a template (`user_id` "*") has for one user."""
+    marker = f":{GLOBAL_USER}:"
+    if marker in template_id:
+        return template_id.replace(marker, f":{user_id}:", 1)
+    return f"{template_id}:{user_id}"
+
+
+def decode_rule_message(key: bytes | str | None, value: bytes | None) -> RuleChange:
+    """Decode one `alert.rules` message; raises `InvalidRuleMessage` (send it to a DLQ)."""
+    rule_id = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    if value is None:
+        if not rule_id:
+            msg = "alert.rules tombstone without a key"
+            raise InvalidRuleMessage(msg)
+        return RuleChange(rule_id, None)
+    try:
+        rule = msgspec.json.decode(value, type=AlertRule)
+    except msgspec.DecodeError as exc:
+        msg = f"alert.rules {rule_id!r}: {exc}"
+        raise InvalidRuleMessage(msg) from exc
+    if rule_id and rule_id != rule.rule_id:
+        msg = f"alert.rules key {rule_id!r} differs from rule_id {rule.rule_id!r}"
+        raise InvalidRuleMessage(msg)
+    return RuleChange(rule.rule_id, rule)
+
+
+class RuleBook:
+    """All rules known to this worker, with an O(1) `rules_for(user_id, service)`.
+
+    Pickles as `(rules by user, versions)`; the lookup cache is rebuilt lazily.
+    """
+
+    __slots__ = ("_by_user", "_cache", "_owner", "_versions")
+
+    def __init__(self, templates: Iterable[AlertRule] | None = None) -> None:
+        self._by_user: dict[str, dict[str, AlertRule]] = {}
+        self._owner: dict[str, str] = {}
+        self._versions: dict[str, tuple[int, bool]] = {}  # rule_id → (version, deleted)
+        self._cache: dict[str, dict[str, tuple[AlertRule, ...]]] = {}
+        for rule in default_rules() if templates is None else templates:
+            self.upsert(rule)
+
+    # -- updates -------------------------------------------------------------------------
+
+    def apply(self, change: RuleChange) -> bool:
+        """Apply one decoded message; False when it was stale and ignored."""
+        if change.rule is None:
+            return self.delete(change.rule_id)
+        return self.upsert(change.rule)
+
+    def apply_message(self, key: bytes | str | None, value: bytes | None) -> bool:
+        """`decode_rule_message` then `apply`; raises `InvalidRuleMessage`."""
+        return self.apply(decode_rule_message(key, value))
+
+    def upsert(self, rule: AlertRule) -> bool:
+        known = self._versions.get(rule.rule_id)
+        if known is not None:
+            version, deleted = known
+            if rule.version < version or (deleted and rule.version == version):
+                logger.info(
+                    "ignoring stale rule %s version %s (have %s%s)", rule.rule_id,
+                    rule.version, version, ", deleted" if deleted else "",
+                )
+                return False
+        previous_owner = self._owner.get(rule.rule_id)
+        if previous_owner is not None and previous_owner != rule.user_id:
+            self._drop(rule.rule_id, previous_owner)
+        self._by_user.setdefault(rule.user_id, {})[rule.rule_id] = rule
+        self._owner[rule.rule_id] = rule.user_id
+        self._versions[rule.rule_id] = (rule.version, False)
+        self._invalidate(rule.user_id)
+        return True
+
+    def delete(self, rule_id: str) -> bool:
+        owner = self._owner.pop(rule_id, None)
+        if owner is None:
+            return False
+        self._drop(rule_id, owner)
+        version = self._versions.get(rule_id, (0, False))[0]
+        self._versions[rule_id] = (version, True)
+        self._invalidate(owner)
+        return True
+
+    def _drop(self, rule_id: str, owner: str) -> None:
+        rules = self._by_user.get(owner)
+        if rules is not None:
+            rules.pop(rule_id, None)
+            if not rules:
+                del self._by_user[owner]
+        self._invalidate(owner)
+
+    def _invalidate(self, user_id: str) -> None:
+        if user_id == GLOBAL_USER:
+            self._cache.clear()
+        else:
+            self._cache.pop(user_id, None)
+
+    # -- queries -------------------------------------------------------------------------
+
+    def rules_for(self, user_id: str, service: str) -> tuple[AlertRule, ...]:
+        """The enabled rules that apply to one key: the user's own, then the defaults."""
+        by_service = self._cache.get(user_id)
+        if by_service is None:
+            by_service = self._cache[user_id] = {}
+        rules = by_service.get(service)
+        if rules is None:
+            rules = by_service[service] = tuple(
+                rule for rule in self._effective(user_id)
+                if rule.enabled and (rule.service is None or rule.service == service)
+            )
+        return rules
+
+    def _effective(self, user_id: str) -> list[AlertRule]:
+        own = self._by_user.get(user_id, {})
+        rules = list(own.values())
+        if user_id == GLOBAL_USER:
+            return rules
+        unfiltered_metrics = {rule.metric for rule in rules if rule.service is None}
+        for template in self._by_user.get(GLOBAL_USER, {}).values():
+            rule_id = instance_id(template.rule_id, user_id)
+            if rule_id in own or template.metric in unfiltered_metrics:
+                continue
+            rules.append(msgspec.structs.replace(template, rule_id=rule_id, user_id=user_id))
+        return rules
+
+    def get(self, rule_id: str) -> AlertRule | None:
+        owner = self._owner.get(rule_id)
+        return None if owner is None else self._by_user[owner].get(rule_id)
+
+    def owner_of(self, rule_id: str) -> str | None:
+        """Whose rule this is: lets a router send a tombstone (no value) to the right key."""
+        return self._owner.get(rule_id)
+
+    def own_rules(self, user_id: str) -> tuple[AlertRule, ...]:
+        """The rules stored for `user_id` ("*" for the templates), disabled ones included."""
+        return tuple(self._by_user.get(user_id, {}).values())
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def __getstate__(self) -> tuple[dict[str, dict[str, AlertRule]], dict[str, tuple[int, bool]]]:
+        return self._by_user, self._versions
+
+    def __setstate__(self, state: Any) -> None:
+        self._by_user, self._versions = state
+        self._owner = {rid: user for user, rules in self._by_user.items() for rid in rules}
+        self._cache = {}

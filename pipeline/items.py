@@ -1,0 +1,37 @@
+"""What flows between the dataflow's steps. Plain NamedTuples: cheap to build and to pickle."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class SourceBatch(NamedTuple):
+    """Records of one Kafka partition from one poll, or an idle tick when `records` is empty.
+
+    `wall_ms` is the source's clock at poll time; `caught_up` says the partition had no
+    backlog after this poll, which is when the watermark may advance with wall time.
+    """
+
+    partition: int
+    records: list[tuple[int, bytes | None, bytes]]  # (offset, key, value)
+    wall_ms: int
+    caught_up: bool
+
+
+class DeadLetter(NamedTuple):
+    value: bytes
+    key: bytes | None
+    reason: str
+    partition: int
+    offset: int
+
+
+class PartitionOutput(NamedTuple):
+    """Everything one processor call produced, shipped to the sink as one item."""
+
+    partition: int
+    event_rows: list[tuple[Any, ...]]
+    stats: list[Any]  # schemas.stats.StatsRecord
+    dead_letters: list[DeadLetter]
+    alerts: list[Any]  # schemas.alerts.Alert
+    notifications: list[Any]  # schemas.notifications.Notification

@@ -1,0 +1,57 @@
+"""Pure mappings from messages to ClickHouse rows (snuba's `process_message` shape)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from schemas.alerts import Alert
+from schemas.events import UsageEvent
+from schemas.notifications import Notification
+from schemas.stats import StatsRecord
+
+EVENT_COLUMNS = (
+    "event_id", "ts", "user_id", "api_key_id", "service", "status_code", "latency_ms",
+    "endpoint", "method", "tokens_in", "tokens_out", "cost_usd", "request_bytes",
+    "response_bytes", "error_type", "region", "sdk", "schema_version", "late",
+    "kafka_partition", "kafka_offset", "ingested_at",
+)
+
+STATS_COLUMNS = (*StatsRecord.__struct_fields__, "emitted_at")
+
+
+def event_row(event: UsageEvent, ts_ms: int, late: bool, partition: int, offset: int,
+              ingested_ms: int) -> tuple[Any, ...]:
+    """One `usage_events` row; times are epoch milliseconds (DateTime64(3) ticks)."""
+    return (
+        event.event_id, ts_ms, event.user_id, event.api_key_id, event.service,
+        event.status_code, event.latency_ms, event.endpoint or "",
+        (event.method or "").upper(), event.tokens_in, event.tokens_out, event.cost_usd,
+        event.request_bytes, event.response_bytes, event.error_type or "", event.region or "",
+        event.sdk or "", event.schema_version, late, partition, offset, ingested_ms,
+    )
+
+
+def stats_row(stats: StatsRecord, emitted_ms: int) -> tuple[Any, ...]:
+    values = [getattr(stats, name) for name in StatsRecord.__struct_fields__]
+    return (*values, emitted_ms)
+
+
+ALERT_COLUMNS = (
+    "alert_id", "rule_id", "rule_name", "user_id", "service", "metric", "op", "threshold",
+    "value", "severity", "state", "window_start", "window_end", "fired_at", "resolved_at",
+    "message", "emitted_at",
+)
+NOTIFICATION_COLUMNS = (
+    "notification_id", "user_id", "type", "template", "title", "message", "data", "created_at",
+)
+
+
+def alert_row(alert: Alert, emitted_ms: int) -> tuple[Any, ...]:
+    values = (getattr(alert, name) for name in ALERT_COLUMNS[:-1])
+    return (*(v.value if isinstance(v, Enum) else v for v in values), emitted_ms)
+
+
+def notification_row(note: Notification) -> tuple[Any, ...]:
+    return (note.notification_id, note.user_id, str(note.type), note.template, note.title,
+            note.message, dict(note.data), note.created_at)

@@ -1,0 +1,119 @@
+"""Run the dataflow on Kafka and ClickHouse: always with recovery, alone or as a cluster.
+
+Bytewax's Kafka offsets live only in its recovery snapshots, so a run without recovery
+would re-read the whole topic; `run_pipeline` therefore always runs with recovery under
+`KEYPULSE_DATA_DIR/recovery` (created on first start) and resumes from the last snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
+
+from infra import topics
+from infra.clickhouse.migrate import migrate
+from keypulse.clickhouse import shared_client
+from keypulse.kafka import consumer_config, producer_config
+from keypulse.settings import Settings
+from pipeline.flow import build_flow
+from pipeline.kafka_source import KafkaBatchSource, list_partitions
+from pipeline.processor import ProcessorConfig
+from pipeline.sinks import OutputSink
+
+logger = logging.getLogger(__name__)
+
+
+def processor_config(settings: Settings) -> ProcessorConfig:
+    return ProcessorConfig(
+        window_seconds=settings.window_seconds,
+        allowed_lateness_seconds=settings.allowed_lateness_seconds,
+        dedup_horizon_seconds=settings.dedup_horizon_seconds,
+        dedup_max_ids=settings.dedup_max_ids,
+    )
+
+
+def kafka_flow(settings: Settings, *, processes: int = 1, process_id: int = 0) -> Dataflow:
+    """The production dataflow: Kafka in, ClickHouse and Kafka out."""
+    consumer = consumer_config(settings, group_id="keypulse-pipeline")
+    events_topic = settings.topic(topics.USAGE_EVENTS)
+    partitions = list_partitions(consumer, events_topic)
+    source = KafkaBatchSource(consumer, events_topic, partitions=partitions)
+    sink = OutputSink(
+        client_factory=lambda: shared_client(settings),
+        producer_config=producer_config(settings),
+        topic_name=settings.topic,
+        database=settings.clickhouse_database,
+        writers=1 if settings.embedded else processes,
+        local_writers=[0] if process_id == 0 else [] if settings.embedded else [process_id],
+    )
+    return build_flow(source, sink, processor_config(settings), partitions=partitions,
+                      flow_id="keypulse")
+
+
+def recovery_config(settings: Settings, partitions: int) -> RecoveryConfig:
+    path = settings.data_dir / "recovery"
+    if not any(path.glob("part-*.sqlite3")):
+        path.mkdir(parents=True, exist_ok=True)
+        init_db_dir(path, partitions)
+        logger.info("created recovery store %s (%s partitions)", path, partitions)
+    return RecoveryConfig(path)
+
+
+def run_pipeline(settings: Settings, *, process_id: int | None = None,
+                 addresses: list[str] | None = None, epoch_seconds: float = 2.0) -> None:
+    """Run this process's share of the dataflow until SIGINT/SIGTERM."""
+    from bytewax._bytewax import cli_main
+
+    processes = len(addresses) if addresses else 1
+    if not process_id:
+        migrate(shared_client(settings), settings)
+    flow = kafka_flow(settings, processes=processes, process_id=process_id or 0)
+    recovery = recovery_config(settings, max(processes, 1))
+    _sigterm_as_interrupt()
+    logger.info("pipeline %s/%s: %s → ClickHouse %s", (process_id or 0) + 1, processes,
+                settings.topic(topics.USAGE_EVENTS), "embedded" if settings.embedded else "server")
+    cli_main(flow, workers_per_process=1, process_id=process_id, addresses=addresses,
+             epoch_interval=timedelta(seconds=epoch_seconds), recovery_config=recovery)
+
+
+def spawn_local_cluster(processes: int, base_port: int, argv_extra: list[str],
+                        epoch_seconds: float) -> int:
+    """Start `processes` pipeline processes on this machine as one Bytewax cluster."""
+    addresses = ",".join(f"127.0.0.1:{base_port + i}" for i in range(processes))
+    children: list[subprocess.Popen[bytes]] = []
+    for i in range(processes):
+        cmd = [sys.executable, "-m", "keypulse.cli", *argv_extra, "pipeline",
+               "--addresses", addresses, "--process-id", str(i),
+               "--epoch-seconds", str(epoch_seconds)]
+        children.append(subprocess.Popen(cmd, env=os.environ.copy()))
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(_signum: int, _frame: FrameType | None) -> Any:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def recovery_dir(settings: Settings) -> Path:
+    return settings.data_dir / "recovery"

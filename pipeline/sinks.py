@@ -1,0 +1,182 @@
+"""The dataflow's one sink: ClickHouse tables and Kafka topics, flushed before each snapshot.
+
+Bytewax snapshots a sink partition at the end of every epoch and treats everything written
+before as delivered, so `snapshot()` flushes: event rows are buffered up to `max_rows` or
+`max_age_s` and never survive a snapshot unwritten. After a crash the dataflow replays from
+the last snapshot; ReplacingMergeTree keys make the replayed rows replace their twins, and
+Kafka outputs carry deterministic ids (alert_id, notification_id, window key).
+
+With the embedded ClickHouse only one process may open the database, so there is one sink
+partition and Bytewax routes every output to the worker that owns it; with a server DSN
+there is one partition per worker and all of them write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import Producer
+
+from infra import topics
+from pipeline.items import DeadLetter, PartitionOutput
+from pipeline.metrics import METRICS, PipelineMetrics
+from pipeline.rows import (
+    ALERT_COLUMNS,
+    EVENT_COLUMNS,
+    NOTIFICATION_COLUMNS,
+    STATS_COLUMNS,
+    alert_row,
+    notification_row,
+    stats_row,
+)
+
+logger = logging.getLogger(__name__)
+
+_encoder = msgspec.json.Encoder()
+
+
+class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
+    def __init__(self, client_factory: Callable[[], Client], producer_config: dict[str, Any],
+                 topic_name: Callable[[str], str], database: str, *, writers: int = 1,
+                 local_writers: list[int] | None = None,
+                 max_rows: int = 10_000, max_age_s: float = 1.0,
+                 metrics: PipelineMetrics = METRICS) -> None:
+        self.client_factory = client_factory
+        self.producer_config = producer_config
+        self.topic_name = topic_name
+        self.database = database
+        self.writers = writers
+        self.local_writers = list(range(writers)) if local_writers is None else local_writers
+        self.max_rows = max_rows
+        self.max_age_s = max_age_s
+        self.metrics = metrics
+
+    def list_parts(self) -> list[str]:
+        # A process lists only the writers it owns: with embedded ClickHouse that is
+        # writer-0 on process 0 alone, the process that has the database open.
+        return [f"writer-{i}" for i in self.local_writers]
+
+    def part_fn(self, item_key: str) -> int:
+        return int(item_key) if item_key.isdigit() else 0
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> OutputPartition:
+        return OutputPartition(self)
+
+
+class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
+    def __init__(self, sink: OutputSink) -> None:
+        self.sink = sink
+        self.client = sink.client_factory()
+        self.producer = Producer(sink.producer_config)
+        self.rows: list[tuple[Any, ...]] = []
+        self.first_buffered = 0.0
+        db = sink.database
+        self.events_table = f"{db}.usage_events"
+        self.stats_table = f"{db}.usage_stats"
+        self.alerts_table = f"{db}.alerts"
+        self.notifications_table = f"{db}.notifications"
+        self.source_topic = sink.topic_name(topics.USAGE_EVENTS)
+        self.topic_stats = sink.topic_name(topics.USAGE_STATS)
+        self.topic_dlq = sink.topic_name(topics.USAGE_EVENTS_DLQ)
+        self.topic_alerts = sink.topic_name(topics.USAGE_ALERTS)
+        self.topic_notifications = sink.topic_name(topics.NOTIFICATIONS)
+
+    def write_batch(self, values: list[PartitionOutput]) -> None:
+        stats: list[Any] = []
+        alerts: list[Any] = []
+        notifications: list[Any] = []
+        for out in values:
+            if out.event_rows:
+                if not self.rows:
+                    self.first_buffered = time.monotonic()
+                self.rows.extend(out.event_rows)
+            stats.extend(out.stats)
+            alerts.extend(out.alerts)
+            notifications.extend(out.notifications)
+            for dead in out.dead_letters:
+                self._produce(self.topic_dlq, dead.key, dead.value, dead_letter_headers(
+                    dead, self.source_topic))
+        if len(self.rows) >= self.sink.max_rows or (
+            self.rows and time.monotonic() - self.first_buffered >= self.sink.max_age_s
+        ):
+            self._flush_rows()
+        if stats:
+            self._write_stats(stats)
+        if alerts or notifications:
+            self._write_alerts(alerts, notifications)
+        self.producer.poll(0)
+
+    def snapshot(self) -> None:
+        self._flush_rows()
+        self._flush_kafka()
+
+    def close(self) -> None:
+        self._flush_rows()
+        self._flush_kafka()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _flush_rows(self) -> None:
+        if not self.rows:
+            return
+        rows, self.rows = self.rows, []
+        started = time.perf_counter()
+        self.client.insert(self.events_table, rows, column_names=EVENT_COLUMNS)
+        self.sink.metrics.record_insert(len(rows), 0, time.perf_counter() - started)
+
+    def _write_stats(self, stats: list[Any]) -> None:
+        emitted_ms = int(time.time() * 1000)
+        # Rows of events in these windows go first: a stats row never precedes its events.
+        self._flush_rows()
+        started = time.perf_counter()
+        self.client.insert(self.stats_table, [stats_row(s, emitted_ms) for s in stats],
+                           column_names=STATS_COLUMNS)
+        self.sink.metrics.record_insert(0, len(stats), time.perf_counter() - started)
+        for record in stats:
+            self._produce(self.topic_stats, record.user_id.encode(), _encoder.encode(record))
+
+    def _write_alerts(self, alerts: list[Any], notifications: list[Any]) -> None:
+        emitted_ms = int(time.time() * 1000)
+        if alerts:
+            self.client.insert(self.alerts_table, [alert_row(a, emitted_ms) for a in alerts],
+                               column_names=ALERT_COLUMNS)
+            for alert in alerts:
+                self._produce(self.topic_alerts, alert.user_id.encode(), _encoder.encode(alert))
+        if notifications:
+            self.client.insert(self.notifications_table,
+                               [notification_row(n) for n in notifications],
+                               column_names=NOTIFICATION_COLUMNS)
+            for note in notifications:
+                self._produce(self.topic_notifications, note.user_id.encode(),
+                              _encoder.encode(note))
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes,
+                 headers: list[tuple[str, bytes]] | None = None) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, key, headers=headers)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
+    def _flush_kafka(self) -> None:
+        remaining = self.producer.flush(30)
+        if remaining:
+            msg = f"{remaining} Kafka messages not delivered within 30 s"
+            raise RuntimeError(msg)
+
+
+def dead_letter_headers(dead: DeadLetter, source_topic: str) -> list[tuple[str, bytes]]:
+    """The DLQ keeps the original key and value bytes; why and where go in headers."""
+    return [
+        ("keypulse.reason", dead.reason.encode()),
+        ("keypulse.source.topic", source_topic.encode()),
+        ("keypulse.source.partition", str(dead.partition).encode()),
+        ("keypulse.source.offset", str(dead.offset).encode()),
+    ]
