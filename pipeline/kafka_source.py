@@ -10,6 +10,7 @@ time so windows close on a quiet stream. Offsets live in Bytewax's recovery snap
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +23,8 @@ from keypulse.errors import ServiceError
 from pipeline.items import SourceBatch
 
 logger = logging.getLogger(__name__)
+
+STOP = threading.Event()  # set by the runner's SIGINT/SIGTERM handler: partitions end cleanly
 
 
 def list_partitions(consumer_config: dict[str, Any], topic: str, timeout: float = 10.0
@@ -44,13 +47,14 @@ def list_partitions(consumer_config: dict[str, Any], topic: str, timeout: float 
 class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
     def __init__(self, consumer_config: dict[str, Any], topic: str, *, batch_size: int = 5000,
                  tick_ms: int = 200, clock: Clock = system_clock,
-                 partitions: list[int] | None = None) -> None:
+                 partitions: list[int] | None = None, stop: threading.Event = STOP) -> None:
         self.consumer_config = consumer_config
         self.topic = topic
         self.batch_size = batch_size
         self.tick_ms = tick_ms
         self.clock = clock
         self._partitions = partitions
+        self.stop = stop
 
     def partitions(self) -> list[int]:
         if self._partitions is None:
@@ -83,6 +87,8 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
                     "the beginning" if resume_offset is None else f"offset {resume_offset}")
 
     def next_batch(self) -> list[SourceBatch]:
+        if self.source.stop.is_set():
+            raise StopIteration
         messages = self.consumer.consume(self.source.batch_size, timeout=0)
         now_ms = int(self._clock() * 1000)
         records: list[tuple[int, bytes | None, bytes]] = []

@@ -17,7 +17,8 @@ EVENT_COLUMNS = (
     "kafka_partition", "kafka_offset", "ingested_at",
 )
 
-STATS_COLUMNS = (*StatsRecord.__struct_fields__, "emitted_at")
+_STATS_FIELDS = tuple(f for f in StatsRecord.__struct_fields__ if f != "schema_version")
+STATS_COLUMNS = (*_STATS_FIELDS, "emitted_at")
 
 
 def event_row(event: UsageEvent, ts_ms: int, late: bool, partition: int, offset: int,
@@ -33,7 +34,7 @@ def event_row(event: UsageEvent, ts_ms: int, late: bool, partition: int, offset:
 
 
 def stats_row(stats: StatsRecord, emitted_ms: int) -> tuple[Any, ...]:
-    values = [getattr(stats, name) for name in StatsRecord.__struct_fields__]
+    values = [getattr(stats, name) for name in _STATS_FIELDS]
     return (*values, emitted_ms)
 
 

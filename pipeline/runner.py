@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Any
 
 from bytewax.dataflow import Dataflow
+from bytewax.errors import BytewaxRuntimeError
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
 from infra import topics
@@ -26,7 +27,7 @@ from keypulse.clickhouse import shared_client
 from keypulse.kafka import consumer_config, producer_config
 from keypulse.settings import Settings
 from pipeline.flow import build_flow
-from pipeline.kafka_source import KafkaBatchSource, list_partitions
+from pipeline.kafka_source import STOP, KafkaBatchSource, list_partitions
 from pipeline.processor import ProcessorConfig
 from pipeline.sinks import OutputSink
 
@@ -79,11 +80,16 @@ def run_pipeline(settings: Settings, *, process_id: int | None = None,
         migrate(shared_client(settings), settings)
     flow = kafka_flow(settings, processes=processes, process_id=process_id or 0)
     recovery = recovery_config(settings, max(processes, 1))
-    _sigterm_as_interrupt()
+    _stop_on_signals()
     logger.info("pipeline %s/%s: %s → ClickHouse %s", (process_id or 0) + 1, processes,
                 settings.topic(topics.USAGE_EVENTS), "embedded" if settings.embedded else "server")
-    cli_main(flow, workers_per_process=1, process_id=process_id, addresses=addresses,
-             epoch_interval=timedelta(seconds=epoch_seconds), recovery_config=recovery)
+    try:
+        cli_main(flow, workers_per_process=1, process_id=process_id, addresses=addresses,
+                 epoch_interval=timedelta(seconds=epoch_seconds), recovery_config=recovery)
+    except BytewaxRuntimeError as exc:
+        if "signal received" not in str(exc):
+            raise
+    logger.info("pipeline stopped; the next start resumes where it stopped")
 
 
 def spawn_local_cluster(processes: int, base_port: int, argv_extra: list[str],
@@ -108,10 +114,19 @@ def spawn_local_cluster(processes: int, base_port: int, argv_extra: list[str],
     return max(codes, default=0)
 
 
-def _sigterm_as_interrupt() -> None:
-    def handler(_signum: int, _frame: FrameType | None) -> Any:
-        raise KeyboardInterrupt
+def _stop_on_signals() -> None:
+    """SIGINT/SIGTERM end every source partition; the sink flushes and the run returns.
 
+    A second signal interrupts at once (the next start resumes from the last snapshot).
+    """
+
+    def handler(signum: int, _frame: FrameType | None) -> Any:
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        logger.info("%s: stopping after the current batch", signal.Signals(signum).name)
+        STOP.set()
+
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 

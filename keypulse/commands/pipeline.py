@@ -29,17 +29,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.process_id is None or not 0 <= args.process_id < len(addresses):
             msg = f"--process-id must be in [0, {len(addresses)}) with --addresses"
             raise ConfigError(msg)
-        try:
-            run_pipeline(settings, process_id=args.process_id, addresses=addresses,
-                         epoch_seconds=args.epoch_seconds)
-        except KeyboardInterrupt:
-            print(f"pipeline process {args.process_id} stopped")
+        run_pipeline(settings, process_id=args.process_id, addresses=addresses,
+                     epoch_seconds=args.epoch_seconds)
         return 0
     if args.processes > 1:
         extra = ["--log-level", args.log_level] if args.log_level else []
         return spawn_local_cluster(args.processes, args.base_port, extra, args.epoch_seconds)
-    try:
-        run_pipeline(settings, epoch_seconds=args.epoch_seconds)
-    except KeyboardInterrupt:
-        print("pipeline stopped")
+    run_pipeline(settings, epoch_seconds=args.epoch_seconds)
     return 0

@@ -15,10 +15,11 @@ The rule's threshold is the z-score (default `> 4`); the evaluator also requires
 `|x - mean| ≥ min_delta` so a key moving from 2 to 15 requests does not page anyone.
 Before `warmup_windows` observations there is no score ("no data").
 
-The baseline is robust to the anomaly it reports: the value folded in is clipped to
-`mean ± clip_z·std`, so a spike moves the baseline by at most `alpha·clip_z·std` per window.
-A short spike is therefore not learned as normal, while a lasting change of level is
-adopted within some tens of windows (and the alert then resolves).
+The baseline is robust to the anomaly it reports: a window outside `mean ± clip_z·std`
+moves the mean by only `alpha·clip_z·std` towards it and leaves the variance untouched.
+A short spike is therefore not learned as normal (the next ordinary window is back in
+band), while a lasting change of level is adopted gradually: a jump from 100 to 500
+requests per window keeps firing for roughly 50 windows before it counts as the new normal.
 
 Windows without any request produce no stats record; the detector counts the missing
 windows between two records as zeros (they are real observations of silence). After more
@@ -104,18 +105,19 @@ class AnomalyDetector:
 
     def _fold(self, base: Baseline, value: float) -> None:
         cfg = self.config
-        mean, var, n = base[0], base[1], base[2]
-        std = max(math.sqrt(var), math.sqrt(mean), cfg.min_std)
-        limit = cfg.clip_z * std
-        if n >= cfg.warmup_windows:
-            value = min(max(value, mean - limit), mean + limit)
-        n += 1.0
+        mean, var, n = base[0], base[1], base[2] + 1.0
+        base[2] = n
         alpha = max(cfg.alpha, 1.0 / n)
+        if n > cfg.warmup_windows:
+            limit = cfg.clip_z * max(math.sqrt(var), math.sqrt(mean), cfg.min_std)
+            if value > mean + limit or value < mean - limit:
+                # an outlier: damp the mean towards it, learn no variance from it
+                base[0] = mean + alpha * (limit if value > mean else -limit)
+                return
         diff = value - mean
         incr = alpha * diff
         base[0] = mean + incr
         base[1] = (1.0 - alpha) * (var + diff * incr)
-        base[2] = n
 
     def baseline(self, key: tuple[str, str]) -> tuple[float, float, int] | None:
         """(mean, variance, observations) of one key, for tests and diagnostics."""

@@ -9,9 +9,8 @@ separators. Only called when an alert changes state, so clarity beats speed here
 
 from __future__ import annotations
 
-from schemas.alerts import AlertRule, Metric
-
 from pipeline.alerting.metrics import NEGATION, from_ms
+from schemas.alerts import AlertRule, Metric
 
 LABELS: dict[str, str] = {
     Metric.ERROR_RATE: "error rate",
@@ -46,7 +45,7 @@ def format_value(metric: str, value: float) -> str:
     if metric == Metric.COST_USD:
         return f"${value:,.2f}" if abs(value) >= 0.01 or value == 0 else f"${value:.4g}"
     if metric == Metric.REQUESTS_ANOMALY:
-        return _trim(f"{value:,.1f}") + "σ"
+        return "z " + _trim(f"{value:,.1f}")
     return _trim(f"{value:,.2f}")
 
 

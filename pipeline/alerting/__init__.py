@@ -1,0 +1,58 @@
+"""Alerting core (DESIGN §3): pure, in-memory, picklable; no Kafka, ClickHouse or Bytewax.
+
+What the dataflow calls:
+
+* `RuleBook` ← every `alert.rules` message: `book.apply(decode_rule_message(key, value))`
+  (`InvalidRuleMessage` → dead-letter it).
+* `AlertEvaluator.on_window(stats, book.rules_for(user_id, service))` → `list[Alert]` once
+  per closed window; each alert → `usage.alerts` / `alerts`, and `notification_for(alert)`
+  → `notifications`.
+* `AlertEvaluator.on_idle(watermark_ms)` → `list[Alert]`, whenever event time advances.
+* `incident_signal(evaluator, stats)` → route by service → `IncidentCounter.on_signal`
+  → an optional system-wide `Notification`.
+"""
+
+from pipeline.alerting.anomaly import AnomalyConfig, AnomalyDetector, AnomalyScore
+from pipeline.alerting.evaluator import AlertEvaluator, EvaluatorConfig, alert_id
+from pipeline.alerting.incidents import (
+    IncidentConfig,
+    IncidentCounter,
+    IncidentSignal,
+    incident_notification,
+    incident_signal,
+)
+from pipeline.alerting.notify import notification_for, notification_id
+from pipeline.alerting.rules import (
+    GLOBAL_USER,
+    InvalidRuleMessage,
+    RuleBook,
+    RuleChange,
+    decode_rule_message,
+    default_rule_id,
+    default_rules,
+    instance_id,
+)
+
+__all__ = [
+    "GLOBAL_USER",
+    "AlertEvaluator",
+    "AnomalyConfig",
+    "AnomalyDetector",
+    "AnomalyScore",
+    "EvaluatorConfig",
+    "IncidentConfig",
+    "IncidentCounter",
+    "IncidentSignal",
+    "InvalidRuleMessage",
+    "RuleBook",
+    "RuleChange",
+    "alert_id",
+    "decode_rule_message",
+    "default_rule_id",
+    "default_rules",
+    "incident_notification",
+    "incident_signal",
+    "instance_id",
+    "notification_for",
+    "notification_id",
+]
