@@ -64,3 +64,11 @@ def _first_line(exc: BaseException) -> str:
 
 def query_rows(client: Client, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in client.query(sql, parameters=parameters).result_rows]
+
+
+def close_shared() -> None:
+    """Close every shared client (an embedded engine can then open another path)."""
+    with _lock:
+        for client in _shared.values():
+            client.close()
+        _shared.clear()

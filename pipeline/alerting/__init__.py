@@ -10,10 +10,13 @@ What the dataflow calls:
 * `AlertEvaluator.on_idle(watermark_ms)` → `list[Alert]`, whenever event time advances.
 * `incident_signal(evaluator, stats)` → route by service → `IncidentCounter.on_signal`
   → an optional system-wide `Notification`.
+
+`AlertingHook` (hook.py) packages the first four for the partition processor.
 """
 
 from pipeline.alerting.anomaly import AnomalyConfig, AnomalyDetector, AnomalyScore
 from pipeline.alerting.evaluator import AlertEvaluator, EvaluatorConfig, alert_id
+from pipeline.alerting.hook import AlertingHook
 from pipeline.alerting.incidents import (
     IncidentConfig,
     IncidentCounter,
@@ -36,6 +39,7 @@ from pipeline.alerting.rules import (
 __all__ = [
     "GLOBAL_USER",
     "AlertEvaluator",
+    "AlertingHook",
     "AnomalyConfig",
     "AnomalyDetector",
     "AnomalyScore",

@@ -206,6 +206,8 @@ class AlertEvaluator:
     def on_idle(self, now_ms: int) -> list[Alert]:
         """Resolve firing keys with no data for the idle time before `now_ms` (event time).
 
+        Contract: every window ending at or before `now_ms` has already been passed to
+        `on_window` (call it with the watermark after evaluating the windows it closed).
         Cost is proportional to the keys that hold state (breaching or firing ones only).
         """
         out: list[Alert] = []

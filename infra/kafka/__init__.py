@@ -1,0 +1,1 @@
+"""A local single-node Apache Kafka (KRaft) for development and tests; see `launcher`."""
