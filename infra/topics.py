@@ -24,19 +24,31 @@ NOTIFICATIONS = "notifications"
 APIKEY_EVENTS = "apikey.events"
 
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec(USAGE_EVENTS, "usage events from SDKs, key = user_id",
-              {"retention.ms": str(7 * DAY_MS)}),
-    TopicSpec(USAGE_EVENTS_DLQ, "rejected events: original bytes + reason + source offset",
-              {"retention.ms": str(30 * DAY_MS)}),
-    TopicSpec(USAGE_STATS, "closed window stats, key = user_id",
-              {"retention.ms": str(7 * DAY_MS)}),
-    TopicSpec(USAGE_ALERTS, "alert state changes, key = user_id",
-              {"retention.ms": str(30 * DAY_MS)}),
-    TopicSpec(ALERT_RULES, "alert rules, key = rule_id; latest value wins, null deletes",
-              {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
-               "segment.ms": str(DAY_MS)}),
-    TopicSpec(NOTIFICATIONS, "notifications and read-state changes, key = user_id",
-              {"retention.ms": str(30 * DAY_MS)}),
-    TopicSpec(APIKEY_EVENTS, "api key created/updated/deleted, key = user_id",
-              {"retention.ms": str(30 * DAY_MS)}),
+    TopicSpec(
+        USAGE_EVENTS, "usage events from SDKs, key = user_id", {"retention.ms": str(7 * DAY_MS)}
+    ),
+    TopicSpec(
+        USAGE_EVENTS_DLQ,
+        "rejected events: original bytes + reason + source offset",
+        {"retention.ms": str(30 * DAY_MS)},
+    ),
+    TopicSpec(USAGE_STATS, "closed window stats, key = user_id", {"retention.ms": str(7 * DAY_MS)}),
+    TopicSpec(
+        USAGE_ALERTS, "alert state changes, key = user_id", {"retention.ms": str(30 * DAY_MS)}
+    ),
+    TopicSpec(
+        ALERT_RULES,
+        "alert rules, key = rule_id; latest value wins, null deletes",
+        {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(DAY_MS)},
+    ),
+    TopicSpec(
+        NOTIFICATIONS,
+        "notifications and read-state changes, key = user_id",
+        {"retention.ms": str(30 * DAY_MS)},
+    ),
+    TopicSpec(
+        APIKEY_EVENTS,
+        "api key created/updated/deleted, key = user_id",
+        {"retention.ms": str(30 * DAY_MS)},
+    ),
 )

@@ -62,7 +62,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def query_rows(client: Client, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+def query_rows(
+    client: Client, sql: str, parameters: dict[str, Any] | None = None
+) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in client.query(sql, parameters=parameters).result_rows]
 
 

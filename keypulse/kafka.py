@@ -27,7 +27,9 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def consumer_config(settings: Settings, group_id: str | None = None, **overrides: Any) -> dict[str, Any]:
+def consumer_config(
+    settings: Settings, group_id: str | None = None, **overrides: Any
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap,
         "group.id": group_id or "keypulse-reader",

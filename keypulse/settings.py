@@ -11,8 +11,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from keypulse.errors import ConfigError
 
-PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "dev", "test"})
-DEV_JWT_SECRET = "keypulse-dev-only-secret-do-not-use-in-production"  # noqa: S105
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "changethis", "secret", "dev", "test"}
+)
+DEV_JWT_SECRET = "keypulse-dev-only-secret-do-not-use-in-production"
 
 
 def _split_csv(value: object) -> object:

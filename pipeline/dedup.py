@@ -16,8 +16,16 @@ BUCKET_MS = 60_000
 
 
 class Deduplicator:
-    __slots__ = ("_all", "_blobs", "_buckets", "_dirty", "cap", "evicted_early", "horizon_ms",
-                 "max_ts_ms")
+    __slots__ = (
+        "_all",
+        "_blobs",
+        "_buckets",
+        "_dirty",
+        "cap",
+        "evicted_early",
+        "horizon_ms",
+        "max_ts_ms",
+    )
 
     def __init__(self, horizon_ms: int, cap: int) -> None:
         self.horizon_ms = horizon_ms
@@ -48,8 +56,7 @@ class Deduplicator:
         ids.append(key)
         self._all.add(key)
         self._dirty.add(bucket)
-        if ts_ms > self.max_ts_ms:
-            self.max_ts_ms = ts_ms
+        self.max_ts_ms = max(self.max_ts_ms, ts_ms)
         if len(self._all) > self.cap:
             self._evict_oldest()
         return False
@@ -79,14 +86,17 @@ class Deduplicator:
         for bucket in self._dirty:
             self._blobs[bucket] = pickle.dumps(self._buckets[bucket], protocol=5)
         self._dirty.clear()
-        return {"blobs": dict(self._blobs), "max_ts_ms": self.max_ts_ms,
-                "evicted_early": self.evicted_early}
+        return {
+            "blobs": dict(self._blobs),
+            "max_ts_ms": self.max_ts_ms,
+            "evicted_early": self.evicted_early,
+        }
 
     @classmethod
     def restore(cls, state: dict[str, Any], horizon_ms: int, cap: int) -> Deduplicator:
         dedup = cls(horizon_ms, cap)
         dedup._blobs = dict(state["blobs"])
-        dedup._buckets = {b: pickle.loads(blob) for b, blob in dedup._blobs.items()}  # noqa: S301
+        dedup._buckets = {b: pickle.loads(blob) for b, blob in dedup._blobs.items()}
         for ids in dedup._buckets.values():
             dedup._all.update(ids)
         dedup.max_ts_ms = state["max_ts_ms"]

@@ -1,7 +1,9 @@
 """`build_flow`: the dataflow, given its sources and sink (tests pass in-memory ones).
 
-    events source ─▶ key by partition ─▶ process (stateful per partition) ─▶ output sink
-    rules source ──▶ broadcast to every partition ─┘
+    events ─▶ key by partition ─▶ process (per partition: dedup, windows, alerts) ─┬▶ sink
+    alert.rules ─▶ decode ─▶ broadcast to every partition ─┘                      │
+               └▶ alert_rules rows (keyed by rule_id) ──────────────────────────────┤
+    incident signals (keyed by service) ─▶ provider_incident notifications ───────┘
 
 Items are whole poll batches (`SourceBatch`), so the per-item cost of the dataflow is paid
 once per batch, not once per event.
@@ -9,40 +11,59 @@ once per batch, not once per event.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from pipeline.items import PartitionOutput, SourceBatch
+from pipeline.alerting.incidents import IncidentConfig, IncidentCounter, IncidentSignal
+from pipeline.alerting.rules import InvalidRuleMessage, RuleChange, decode_rule_message
+from pipeline.items import PartitionOutput, RuleUpdates, SourceBatch
 from pipeline.processor import PartitionProcessor, ProcessorConfig, WindowHook
+from pipeline.rows import rule_row
+from schemas.alerts import AlertRule
+from schemas.notifications import Notification
+
+logger = logging.getLogger(__name__)
 
 HookFactory = Callable[[Any], WindowHook]  # resumed hook state (or None) → hook
+Keyed = tuple[str, PartitionOutput]
 
 
 def build_flow(
     events: Source[SourceBatch],
-    sink: Sink[tuple[str, PartitionOutput]],
+    sink: Sink[Keyed],
     config: ProcessorConfig,
     *,
     partitions: list[int],
-    control: Source[Any] | None = None,
+    rules: Source[SourceBatch] | None = None,
     hook_factory: HookFactory | None = None,
+    incidents: IncidentConfig | None = None,
     flow_id: str = "keypulse",
 ) -> Dataflow:
-    """The keypulse dataflow. `partitions` lists the event topic's partitions, so control
-    items (alert rules) can be broadcast to each partition's processor."""
+    """The keypulse dataflow. `partitions` lists the event topic's partitions, so rule
+    changes can be broadcast to each partition's processor. `hook_factory` (alerting)
+    turns closed windows into alerts; with it, incident signals from every partition
+    meet in one step keyed by service."""
     flow = Dataflow(flow_id)
     batches = op.input("events", flow, events)
     keyed = op.key_on("by_partition", batches, lambda batch: str(batch.partition))
-    if control is not None:
-        controls = op.input("control", flow, control)
+    extra_outputs: list[Stream[Keyed]] = []
+    if rules is not None:
+        updates = op.filter_map("decode_rules", op.input("rules", flow, rules), decode_rules)
         keys = [str(p) for p in partitions]
-        broadcast = op.flat_map("broadcast", controls, lambda item: [(k, item) for k in keys])
-        keyed = op.merge("with_control", keyed, broadcast)
+        broadcast = op.flat_map("broadcast_rules", updates, lambda u: [(k, u) for k in keys])
+        keyed = op.merge("with_rules", keyed, broadcast)
+        by_rule = op.flat_map(
+            "rule_changes", updates, lambda u: [(c.rule_id, c) for c in u.changes]
+        )
+        rule_rows = op.stateful_map("rule_rows", by_rule, rule_row_mapper)
+        extra_outputs.append(op.filter_map("rule_out", rule_rows, _rule_output))
 
     def builder(resume: bytes | None) -> PartitionProcessor:
         processor = PartitionProcessor(config, resume)
@@ -50,6 +71,63 @@ def build_flow(
             processor.hook = hook_factory(processor.hook_state)
         return processor
 
-    outputs = op.stateful_batch("process", keyed, builder)
+    outputs: Stream[Keyed] = op.stateful_batch("process", keyed, builder)
+    if hook_factory is not None:
+        signals = op.flat_map(
+            "incident_signals", outputs, lambda kv: [(s.service, s) for s in kv[1].signals]
+        )
+        counter_config = incidents or IncidentConfig()
+
+        def count(
+            state: IncidentCounter | None, signal: IncidentSignal
+        ) -> tuple[IncidentCounter, Notification | None]:
+            counter = state if state is not None else IncidentCounter(counter_config)
+            return counter, counter.on_signal(signal)
+
+        notes = op.stateful_map("incidents", signals, count)
+        extra_outputs.append(op.filter_map("incident_out", notes, _notification_output))
+    if extra_outputs:
+        outputs = op.merge("outputs", outputs, *extra_outputs)
     op.output("sink", outputs, sink)
     return flow
+
+
+def decode_rules(batch: SourceBatch) -> RuleUpdates | None:
+    """A poll batch of `alert.rules` → decoded changes (invalid ones logged and skipped)."""
+    changes = []
+    for offset, key, value in batch.records:
+        try:
+            changes.append(decode_rule_message(key, value or None))
+        except InvalidRuleMessage as exc:
+            logger.warning("alert.rules offset %s ignored: %s", offset, exc)
+    return RuleUpdates(changes) if changes else None
+
+
+def rule_row_mapper(
+    state: AlertRule | None, change: RuleChange
+) -> tuple[AlertRule | None, tuple[Any, ...] | None]:
+    """Keyed by rule_id: remembers the rule so a tombstone can name its owner."""
+    now_ms = int(time.time() * 1000)
+    if change.rule is not None:
+        return change.rule, rule_row(change.rule, deleted=False, updated_ms=now_ms)
+    if state is None:
+        return None, None
+    return None, rule_row(state, deleted=True, updated_ms=now_ms)
+
+
+def _rule_output(item: tuple[str, tuple[Any, ...] | None]) -> Keyed | None:
+    row = item[1]
+    if row is None:
+        return None
+    out = PartitionOutput.empty()
+    out.rule_rows.append(row)
+    return "0", out
+
+
+def _notification_output(item: tuple[str, Notification | None]) -> Keyed | None:
+    note = item[1]
+    if note is None:
+        return None
+    out = PartitionOutput.empty()
+    out.notifications.append(note)
+    return "0", out

@@ -26,8 +26,14 @@ class DeadLetter(NamedTuple):
     offset: int
 
 
+class RuleUpdates(NamedTuple):
+    """Decoded `alert.rules` changes, broadcast to every partition's processor."""
+
+    changes: list[Any]  # pipeline.alerting.rules.RuleChange
+
+
 class PartitionOutput(NamedTuple):
-    """Everything one processor call produced, shipped to the sink as one item."""
+    """Everything one step produced, shipped to the sink as one item."""
 
     partition: int
     event_rows: list[tuple[Any, ...]]
@@ -35,3 +41,9 @@ class PartitionOutput(NamedTuple):
     dead_letters: list[DeadLetter]
     alerts: list[Any]  # schemas.alerts.Alert
     notifications: list[Any]  # schemas.notifications.Notification
+    signals: list[Any]  # pipeline.alerting.incidents.IncidentSignal
+    rule_rows: list[tuple[Any, ...]]  # alert_rules rows
+
+    @classmethod
+    def empty(cls, partition: int = -1) -> PartitionOutput:
+        return cls(partition, [], [], [], [], [], [], [])

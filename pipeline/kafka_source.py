@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 STOP = threading.Event()  # set by the runner's SIGINT/SIGTERM handler: partitions end cleanly
 
 
-def list_partitions(consumer_config: dict[str, Any], topic: str, timeout: float = 10.0
-                    ) -> list[int]:
+def list_partitions(
+    consumer_config: dict[str, Any], topic: str, timeout: float = 10.0
+) -> list[int]:
     consumer = Consumer(consumer_config)
     try:
         metadata = consumer.list_topics(topic, timeout=timeout)
@@ -45,9 +46,17 @@ def list_partitions(consumer_config: dict[str, Any], topic: str, timeout: float 
 
 
 class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
-    def __init__(self, consumer_config: dict[str, Any], topic: str, *, batch_size: int = 5000,
-                 tick_ms: int = 200, clock: Clock = system_clock,
-                 partitions: list[int] | None = None, stop: threading.Event = STOP) -> None:
+    def __init__(
+        self,
+        consumer_config: dict[str, Any],
+        topic: str,
+        *,
+        batch_size: int = 5000,
+        tick_ms: int = 200,
+        clock: Clock = system_clock,
+        partitions: list[int] | None = None,
+        stop: threading.Event = STOP,
+    ) -> None:
         self.consumer_config = consumer_config
         self.topic = topic
         self.batch_size = batch_size
@@ -64,14 +73,14 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
     def list_parts(self) -> list[str]:
         return [str(p) for p in self.partitions()]
 
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None
-                   ) -> KafkaBatchPartition:
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: int | None
+    ) -> KafkaBatchPartition:
         return KafkaBatchPartition(self, int(for_part), resume_state)
 
 
 class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
-    def __init__(self, source: KafkaBatchSource, partition: int, resume_offset: int | None
-                 ) -> None:
+    def __init__(self, source: KafkaBatchSource, partition: int, resume_offset: int | None) -> None:
         self.source = source
         self.partition = partition
         self.next_offset = OFFSET_BEGINNING if resume_offset is None else resume_offset
@@ -83,8 +92,12 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         self._clock: Callable[[], float] = source.clock
         self._last_emit_ms = 0
         self._idle = False
-        logger.info("reading %s[%s] from %s", source.topic, partition,
-                    "the beginning" if resume_offset is None else f"offset {resume_offset}")
+        logger.info(
+            "reading %s[%s] from %s",
+            source.topic,
+            partition,
+            "the beginning" if resume_offset is None else f"offset {resume_offset}",
+        )
 
     def next_batch(self) -> list[SourceBatch]:
         if self.source.stop.is_set():
@@ -101,7 +114,7 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
                     raise KafkaException(error)
                 logger.warning("%s[%s]: %s", self.source.topic, self.partition, error)
                 continue
-            records.append((message.offset(), message.key(), message.value() or b""))
+            records.append((message.offset() or 0, message.key(), message.value() or b""))
         if records:
             self.next_offset = records[-1][0] + 1
         elif now_ms - self._last_emit_ms < self.source.tick_ms:

@@ -65,9 +65,15 @@ class PipelineMetrics:
         logger.info(
             "pipeline: in=%s valid=%s dlq=%s dup=%s late=%s windows=%s rows=%s "
             "watermark_lag=%ss freshness_lag=%ss last_insert=%.3fs",
-            snap["events_in"], snap["valid"], snap["dead_lettered"], snap["duplicates"],
-            snap["late"], snap["windows_closed"], snap["event_rows_written"],
-            snap["watermark_lag_seconds"], snap["freshness_lag_seconds"],
+            snap["events_in"],
+            snap["valid"],
+            snap["dead_lettered"],
+            snap["duplicates"],
+            snap["late"],
+            snap["windows_closed"],
+            snap["event_rows_written"],
+            snap["watermark_lag_seconds"],
+            snap["freshness_lag_seconds"],
             snap["insert_seconds_last"],
         )
 

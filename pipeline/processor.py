@@ -19,10 +19,10 @@ from typing import Any, Protocol
 from bytewax.operators import StatefulBatchLogic
 
 from pipeline.dedup import Deduplicator
-from pipeline.items import DeadLetter, PartitionOutput, SourceBatch
+from pipeline.items import DeadLetter, PartitionOutput, RuleUpdates, SourceBatch
 from pipeline.metrics import METRICS, PipelineMetrics
 from pipeline.rows import event_row
-from pipeline.windows import WindowAcc, Watermark, close_window
+from pipeline.windows import Watermark, WindowAcc, close_window
 from schemas.events import InvalidEvent, decode_event
 from schemas.stats import StatsRecord
 
@@ -36,8 +36,11 @@ class WindowHook(Protocol):
 
     def on_control(self, item: Any) -> None: ...
 
-    def on_windows(self, stats: list[StatsRecord], watermark_ms: int
-                   ) -> tuple[list[Any], list[Any]]: ...
+    def take_signals(self) -> list[Any]: ...
+
+    def on_windows(
+        self, stats: list[StatsRecord], watermark_ms: int
+    ) -> tuple[list[Any], list[Any]]: ...
 
     def snapshot(self) -> Any: ...
 
@@ -57,9 +60,14 @@ class ProcessorConfig:
 class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
     """State is snapshotted as pickled bytes: immutable, as Bytewax requires."""
 
-    def __init__(self, config: ProcessorConfig, resume: bytes | None,
-                 hook: WindowHook | None = None, metrics: PipelineMetrics = METRICS,
-                 run_id: str = RUN_ID) -> None:
+    def __init__(
+        self,
+        config: ProcessorConfig,
+        resume: bytes | None,
+        hook: WindowHook | None = None,
+        metrics: PipelineMetrics = METRICS,
+        run_id: str = RUN_ID,
+    ) -> None:
         self.partition = -1  # Bytewax does not tell a builder its key: learnt from the items
         self.config = config
         self.hook = hook
@@ -72,7 +80,7 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             self.dedup = Deduplicator(horizon_ms, config.dedup_max_ids)
             self.windows: dict[int, dict[tuple[str, str], WindowAcc]] = {}
         else:
-            state = pickle.loads(resume)  # noqa: S301 - our own recovery store
+            state = pickle.loads(resume)
             self.watermark = state["watermark"]
             self.dedup = Deduplicator.restore(state["dedup"], horizon_ms, config.dedup_max_ids)
             self.windows = state["windows"]
@@ -82,13 +90,14 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
     # -- bytewax ---------------------------------------------------------------------------
 
     def on_batch(self, values: list[Any]) -> tuple[list[PartitionOutput], bool]:
-        out = PartitionOutput(self.partition, [], [], [], [], [])
+        out = PartitionOutput.empty(self.partition)
         for item in values:
             if isinstance(item, SourceBatch):
                 self.partition = item.partition
                 self._process(item, out)
-            elif self.hook is not None:
-                self.hook.on_control(item)
+            elif isinstance(item, RuleUpdates) and self.hook is not None:
+                for change in item.changes:
+                    self.hook.on_control(change)
         self._close_ready(out)
         self.metrics.maybe_log()
         return [out], StatefulBatchLogic.RETAIN
@@ -143,8 +152,13 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
                 acc = accs.get(acc_key)
                 if acc is None:
                     acc = accs[acc_key] = WindowAcc()
-                acc.add(event.status_code, event.latency_ms, event.tokens_in,
-                        event.tokens_out, event.cost_usd)
+                acc.add(
+                    event.status_code,
+                    event.latency_ms,
+                    event.tokens_in,
+                    event.tokens_out,
+                    event.cost_usd,
+                )
                 watermark.observe_event(ts_ms)
             rows.append(event_row(event, ts_ms, is_late, partition, offset, ingested_ms))
         dedup.expire()
@@ -156,8 +170,11 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         metrics.late += late
         if misrouted:
             if not metrics.misrouted:
-                logger.warning("partition %s: events keyed by something other than user_id; "
-                               "per-user windows need key = user_id (DESIGN §1)", partition)
+                logger.warning(
+                    "partition %s: events keyed by something other than user_id; "
+                    "per-user windows need key = user_id (DESIGN §1)",
+                    partition,
+                )
             metrics.misrouted += misrouted
 
     def _close_ready(self, out: PartitionOutput) -> None:
@@ -174,3 +191,4 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             alerts, notifications = self.hook.on_windows(out.stats, watermark)
             out.alerts.extend(alerts)
             out.notifications.extend(notifications)
+            out.signals.extend(self.hook.take_signals())

@@ -5,31 +5,67 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from schemas.alerts import Alert
+from schemas.alerts import Alert, AlertRule
 from schemas.events import UsageEvent
 from schemas.notifications import Notification
 from schemas.stats import StatsRecord
 
 EVENT_COLUMNS = (
-    "event_id", "ts", "user_id", "api_key_id", "service", "status_code", "latency_ms",
-    "endpoint", "method", "tokens_in", "tokens_out", "cost_usd", "request_bytes",
-    "response_bytes", "error_type", "region", "sdk", "schema_version", "late",
-    "kafka_partition", "kafka_offset", "ingested_at",
+    "event_id",
+    "ts",
+    "user_id",
+    "api_key_id",
+    "service",
+    "status_code",
+    "latency_ms",
+    "endpoint",
+    "method",
+    "tokens_in",
+    "tokens_out",
+    "cost_usd",
+    "request_bytes",
+    "response_bytes",
+    "error_type",
+    "region",
+    "sdk",
+    "schema_version",
+    "late",
+    "kafka_partition",
+    "kafka_offset",
+    "ingested_at",
 )
 
 _STATS_FIELDS = tuple(f for f in StatsRecord.__struct_fields__ if f != "schema_version")
 STATS_COLUMNS = (*_STATS_FIELDS, "emitted_at")
 
 
-def event_row(event: UsageEvent, ts_ms: int, late: bool, partition: int, offset: int,
-              ingested_ms: int) -> tuple[Any, ...]:
+def event_row(
+    event: UsageEvent, ts_ms: int, late: bool, partition: int, offset: int, ingested_ms: int
+) -> tuple[Any, ...]:
     """One `usage_events` row; times are epoch milliseconds (DateTime64(3) ticks)."""
     return (
-        event.event_id, ts_ms, event.user_id, event.api_key_id, event.service,
-        event.status_code, event.latency_ms, event.endpoint or "",
-        (event.method or "").upper(), event.tokens_in, event.tokens_out, event.cost_usd,
-        event.request_bytes, event.response_bytes, event.error_type or "", event.region or "",
-        event.sdk or "", event.schema_version, late, partition, offset, ingested_ms,
+        event.event_id,
+        ts_ms,
+        event.user_id,
+        event.api_key_id,
+        event.service,
+        event.status_code,
+        event.latency_ms,
+        event.endpoint or "",
+        (event.method or "").upper(),
+        event.tokens_in,
+        event.tokens_out,
+        event.cost_usd,
+        event.request_bytes,
+        event.response_bytes,
+        event.error_type or "",
+        event.region or "",
+        event.sdk or "",
+        event.schema_version,
+        late,
+        partition,
+        offset,
+        ingested_ms,
     )
 
 
@@ -39,12 +75,33 @@ def stats_row(stats: StatsRecord, emitted_ms: int) -> tuple[Any, ...]:
 
 
 ALERT_COLUMNS = (
-    "alert_id", "rule_id", "rule_name", "user_id", "service", "metric", "op", "threshold",
-    "value", "severity", "state", "window_start", "window_end", "fired_at", "resolved_at",
-    "message", "emitted_at",
+    "alert_id",
+    "rule_id",
+    "rule_name",
+    "user_id",
+    "service",
+    "metric",
+    "op",
+    "threshold",
+    "value",
+    "severity",
+    "state",
+    "window_start",
+    "window_end",
+    "fired_at",
+    "resolved_at",
+    "message",
+    "emitted_at",
 )
 NOTIFICATION_COLUMNS = (
-    "notification_id", "user_id", "type", "template", "title", "message", "data", "created_at",
+    "notification_id",
+    "user_id",
+    "type",
+    "template",
+    "title",
+    "message",
+    "data",
+    "created_at",
 )
 
 
@@ -54,5 +111,53 @@ def alert_row(alert: Alert, emitted_ms: int) -> tuple[Any, ...]:
 
 
 def notification_row(note: Notification) -> tuple[Any, ...]:
-    return (note.notification_id, note.user_id, str(note.type), note.template, note.title,
-            note.message, dict(note.data), note.created_at)
+    return (
+        note.notification_id,
+        note.user_id,
+        str(note.type),
+        note.template,
+        note.title,
+        note.message,
+        dict(note.data),
+        note.created_at,
+    )
+
+
+RULE_COLUMNS = (
+    "rule_id",
+    "user_id",
+    "name",
+    "metric",
+    "op",
+    "threshold",
+    "service",
+    "for_windows",
+    "resolve_windows",
+    "min_requests",
+    "severity",
+    "enabled",
+    "version",
+    "is_deleted",
+    "updated_at",
+)
+
+
+def rule_row(rule: AlertRule, deleted: bool, updated_ms: int) -> tuple[Any, ...]:
+    """An `alert_rules` row; a delete repeats the rule's last version with is_deleted = 1."""
+    return (
+        rule.rule_id,
+        rule.user_id,
+        rule.name,
+        rule.metric.value,
+        rule.op.value,
+        rule.threshold,
+        rule.service,
+        rule.for_windows,
+        rule.resolve_windows,
+        rule.min_requests,
+        rule.severity.value,
+        rule.enabled,
+        rule.version,
+        int(deleted),
+        updated_ms,
+    )

@@ -26,6 +26,7 @@ from infra.clickhouse.migrate import migrate
 from keypulse.clickhouse import shared_client
 from keypulse.kafka import consumer_config, producer_config
 from keypulse.settings import Settings
+from pipeline.alerting.hook import AlertingHook
 from pipeline.flow import build_flow
 from pipeline.kafka_source import STOP, KafkaBatchSource, list_partitions
 from pipeline.processor import ProcessorConfig
@@ -49,6 +50,10 @@ def kafka_flow(settings: Settings, *, processes: int = 1, process_id: int = 0) -
     events_topic = settings.topic(topics.USAGE_EVENTS)
     partitions = list_partitions(consumer, events_topic)
     source = KafkaBatchSource(consumer, events_topic, partitions=partitions)
+    rules_topic = settings.topic(topics.ALERT_RULES)
+    rules = KafkaBatchSource(
+        consumer, rules_topic, partitions=list_partitions(consumer, rules_topic)
+    )
     sink = OutputSink(
         client_factory=lambda: shared_client(settings),
         producer_config=producer_config(settings),
@@ -57,8 +62,15 @@ def kafka_flow(settings: Settings, *, processes: int = 1, process_id: int = 0) -
         writers=1 if settings.embedded else processes,
         local_writers=[0] if process_id == 0 else [] if settings.embedded else [process_id],
     )
-    return build_flow(source, sink, processor_config(settings), partitions=partitions,
-                      flow_id="keypulse")
+    return build_flow(
+        source,
+        sink,
+        processor_config(settings),
+        partitions=partitions,
+        rules=rules,
+        hook_factory=AlertingHook,
+        flow_id="keypulse",
+    )
 
 
 def recovery_config(settings: Settings, partitions: int) -> RecoveryConfig:
@@ -70,8 +82,13 @@ def recovery_config(settings: Settings, partitions: int) -> RecoveryConfig:
     return RecoveryConfig(path)
 
 
-def run_pipeline(settings: Settings, *, process_id: int | None = None,
-                 addresses: list[str] | None = None, epoch_seconds: float = 2.0) -> None:
+def run_pipeline(
+    settings: Settings,
+    *,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+    epoch_seconds: float = 2.0,
+) -> None:
     """Run this process's share of the dataflow until SIGINT/SIGTERM."""
     from bytewax._bytewax import cli_main
 
@@ -81,26 +98,48 @@ def run_pipeline(settings: Settings, *, process_id: int | None = None,
     flow = kafka_flow(settings, processes=processes, process_id=process_id or 0)
     recovery = recovery_config(settings, max(processes, 1))
     _stop_on_signals()
-    logger.info("pipeline %s/%s: %s → ClickHouse %s", (process_id or 0) + 1, processes,
-                settings.topic(topics.USAGE_EVENTS), "embedded" if settings.embedded else "server")
+    logger.info(
+        "pipeline %s/%s: %s → ClickHouse %s",
+        (process_id or 0) + 1,
+        processes,
+        settings.topic(topics.USAGE_EVENTS),
+        "embedded" if settings.embedded else "server",
+    )
     try:
-        cli_main(flow, workers_per_process=1, process_id=process_id, addresses=addresses,
-                 epoch_interval=timedelta(seconds=epoch_seconds), recovery_config=recovery)
+        cli_main(
+            flow,
+            workers_per_process=1,
+            process_id=process_id,
+            addresses=addresses,
+            epoch_interval=timedelta(seconds=epoch_seconds),
+            recovery_config=recovery,
+        )
     except BytewaxRuntimeError as exc:
         if "signal received" not in str(exc):
             raise
     logger.info("pipeline stopped; the next start resumes where it stopped")
 
 
-def spawn_local_cluster(processes: int, base_port: int, argv_extra: list[str],
-                        epoch_seconds: float) -> int:
+def spawn_local_cluster(
+    processes: int, base_port: int, argv_extra: list[str], epoch_seconds: float
+) -> int:
     """Start `processes` pipeline processes on this machine as one Bytewax cluster."""
     addresses = ",".join(f"127.0.0.1:{base_port + i}" for i in range(processes))
     children: list[subprocess.Popen[bytes]] = []
     for i in range(processes):
-        cmd = [sys.executable, "-m", "keypulse.cli", *argv_extra, "pipeline",
-               "--addresses", addresses, "--process-id", str(i),
-               "--epoch-seconds", str(epoch_seconds)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "keypulse.cli",
+            *argv_extra,
+            "pipeline",
+            "--addresses",
+            addresses,
+            "--process-id",
+            str(i),
+            "--epoch-seconds",
+            str(epoch_seconds),
+        ]
         children.append(subprocess.Popen(cmd, env=os.environ.copy()))
 
     def forward(signum: int, _frame: FrameType | None) -> None:

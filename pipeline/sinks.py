@@ -30,6 +30,7 @@ from pipeline.rows import (
     ALERT_COLUMNS,
     EVENT_COLUMNS,
     NOTIFICATION_COLUMNS,
+    RULE_COLUMNS,
     STATS_COLUMNS,
     alert_row,
     notification_row,
@@ -42,11 +43,19 @@ _encoder = msgspec.json.Encoder()
 
 
 class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
-    def __init__(self, client_factory: Callable[[], Client], producer_config: dict[str, Any],
-                 topic_name: Callable[[str], str], database: str, *, writers: int = 1,
-                 local_writers: list[int] | None = None,
-                 max_rows: int = 10_000, max_age_s: float = 1.0,
-                 metrics: PipelineMetrics = METRICS) -> None:
+    def __init__(
+        self,
+        client_factory: Callable[[], Client],
+        producer_config: dict[str, Any],
+        topic_name: Callable[[str], str],
+        database: str,
+        *,
+        writers: int = 1,
+        local_writers: list[int] | None = None,
+        max_rows: int = 10_000,
+        max_age_s: float = 1.0,
+        metrics: PipelineMetrics = METRICS,
+    ) -> None:
         self.client_factory = client_factory
         self.producer_config = producer_config
         self.topic_name = topic_name
@@ -91,7 +100,9 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         stats: list[Any] = []
         alerts: list[Any] = []
         notifications: list[Any] = []
+        rule_rows: list[tuple[Any, ...]] = []
         for out in values:
+            rule_rows.extend(out.rule_rows)
             if out.event_rows:
                 if not self.rows:
                     self.first_buffered = time.monotonic()
@@ -100,8 +111,12 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             alerts.extend(out.alerts)
             notifications.extend(out.notifications)
             for dead in out.dead_letters:
-                self._produce(self.topic_dlq, dead.key, dead.value, dead_letter_headers(
-                    dead, self.source_topic))
+                self._produce(
+                    self.topic_dlq,
+                    dead.key,
+                    dead.value,
+                    dead_letter_headers(dead, self.source_topic),
+                )
         if len(self.rows) >= self.sink.max_rows or (
             self.rows and time.monotonic() - self.first_buffered >= self.sink.max_age_s
         ):
@@ -110,6 +125,10 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             self._write_stats(stats)
         if alerts or notifications:
             self._write_alerts(alerts, notifications)
+        if rule_rows:
+            self.client.insert(
+                f"{self.sink.database}.alert_rules", rule_rows, column_names=RULE_COLUMNS
+            )
         self.producer.poll(0)
 
     def snapshot(self) -> None:
@@ -135,8 +154,9 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         # Rows of events in these windows go first: a stats row never precedes its events.
         self._flush_rows()
         started = time.perf_counter()
-        self.client.insert(self.stats_table, [stats_row(s, emitted_ms) for s in stats],
-                           column_names=STATS_COLUMNS)
+        self.client.insert(
+            self.stats_table, [stats_row(s, emitted_ms) for s in stats], column_names=STATS_COLUMNS
+        )
         self.sink.metrics.record_insert(0, len(stats), time.perf_counter() - started)
         for record in stats:
             self._produce(self.topic_stats, record.user_id.encode(), _encoder.encode(record))
@@ -144,20 +164,31 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
     def _write_alerts(self, alerts: list[Any], notifications: list[Any]) -> None:
         emitted_ms = int(time.time() * 1000)
         if alerts:
-            self.client.insert(self.alerts_table, [alert_row(a, emitted_ms) for a in alerts],
-                               column_names=ALERT_COLUMNS)
+            self.client.insert(
+                self.alerts_table,
+                [alert_row(a, emitted_ms) for a in alerts],
+                column_names=ALERT_COLUMNS,
+            )
             for alert in alerts:
                 self._produce(self.topic_alerts, alert.user_id.encode(), _encoder.encode(alert))
         if notifications:
-            self.client.insert(self.notifications_table,
-                               [notification_row(n) for n in notifications],
-                               column_names=NOTIFICATION_COLUMNS)
+            self.client.insert(
+                self.notifications_table,
+                [notification_row(n) for n in notifications],
+                column_names=NOTIFICATION_COLUMNS,
+            )
             for note in notifications:
-                self._produce(self.topic_notifications, note.user_id.encode(),
-                              _encoder.encode(note))
+                self._produce(
+                    self.topic_notifications, note.user_id.encode(), _encoder.encode(note)
+                )
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes,
-                 headers: list[tuple[str, bytes]] | None = None) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+    ) -> None:
         while True:
             try:
                 self.producer.produce(topic, value, key, headers=headers)
@@ -172,7 +203,9 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             raise RuntimeError(msg)
 
 
-def dead_letter_headers(dead: DeadLetter, source_topic: str) -> list[tuple[str, bytes]]:
+def dead_letter_headers(
+    dead: DeadLetter, source_topic: str
+) -> list[tuple[str, str | bytes | None]]:
     """The DLQ keeps the original key and value bytes; why and where go in headers."""
     return [
         ("keypulse.reason", dead.reason.encode()),

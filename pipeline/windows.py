@@ -39,8 +39,7 @@ class Watermark:
         if ts_ms > self.max_event_ms:
             self.max_event_ms = ts_ms
             candidate = ts_ms - self.lateness_ms
-            if candidate > self.value:
-                self.value = candidate
+            self.value = max(self.value, candidate)
 
     def observe_wall(self, wall_ms: int, caught_up: bool, run_id: str) -> None:
         """Advance by the wall time that passed while caught up, within one run."""
@@ -60,8 +59,17 @@ class Watermark:
 class WindowAcc:
     """Running totals of one (user_id, service, window)."""
 
-    __slots__ = ("client_errors", "cost_usd", "latencies", "latency_max", "latency_sum",
-                 "server_errors", "successes", "tokens_in", "tokens_out")
+    __slots__ = (
+        "client_errors",
+        "cost_usd",
+        "latencies",
+        "latency_max",
+        "latency_sum",
+        "server_errors",
+        "successes",
+        "tokens_in",
+        "tokens_out",
+    )
 
     def __init__(self) -> None:
         self.successes = 0
@@ -74,8 +82,14 @@ class WindowAcc:
         self.cost_usd = 0.0
         self.latencies = array("d")
 
-    def add(self, status: int, latency: float, tokens_in: int | None, tokens_out: int | None,
-            cost: float | None) -> None:
+    def add(
+        self,
+        status: int,
+        latency: float,
+        tokens_in: int | None,
+        tokens_out: int | None,
+        cost: float | None,
+    ) -> None:
         if status < 400:
             self.successes += 1
         elif status < 500:
@@ -84,8 +98,7 @@ class WindowAcc:
             self.server_errors += 1
         self.latencies.append(latency)
         self.latency_sum += latency
-        if latency > self.latency_max:
-            self.latency_max = latency
+        self.latency_max = max(self.latency_max, latency)
         if tokens_in:
             self.tokens_in += tokens_in
         if tokens_out:
@@ -111,8 +124,9 @@ def window_start(ts_ms: int, window_ms: int) -> int:
     return ts_ms - ts_ms % window_ms
 
 
-def close_window(user_id: str, service: str, start_ms: int, window_ms: int,
-                 acc: WindowAcc) -> StatsRecord:
+def close_window(
+    user_id: str, service: str, start_ms: int, window_ms: int, acc: WindowAcc
+) -> StatsRecord:
     requests = len(acc.latencies)
     ordered = sorted(acc.latencies)
     errors = acc.client_errors + acc.server_errors

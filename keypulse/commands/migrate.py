@@ -10,7 +10,9 @@ from keypulse.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dsn", help="ClickHouse DSN (default: KEYPULSE_CLICKHOUSE_DSN or embedded)")
+    parser.add_argument(
+        "--dsn", help="ClickHouse DSN (default: KEYPULSE_CLICKHOUSE_DSN or embedded)"
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -35,7 +35,10 @@ def embedded(path: Path) -> Iterator[Client]:
 class PipelineProcess:
     """`keypulse pipeline` in a child process with the test's settings."""
 
-    def __init__(self, settings: Settings, data_dir: Path, **env: str) -> None:
+    def __init__(
+        self, settings: Settings, data_dir: Path, epoch_seconds: float = 1.0, **env: str
+    ) -> None:
+        self.epoch_seconds = epoch_seconds
         self.env = {
             **os.environ,
             "KEYPULSE_DEV": "1",
@@ -52,8 +55,19 @@ class PipelineProcess:
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "keypulse.cli", "pipeline", "--epoch-seconds", "1"],
-                env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "keypulse.cli",
+                    "pipeline",
+                    "--epoch-seconds",
+                    str(self.epoch_seconds),
+                ],
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -68,8 +82,9 @@ class PipelineProcess:
     def assert_alive(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(f"pipeline exited {self.proc.returncode}:\n"
-                                 + self.log.read_text()[-4000:])
+            raise AssertionError(
+                f"pipeline exited {self.proc.returncode}:\n" + self.log.read_text()[-4000:]
+            )
 
 
 def produce(settings: Settings, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
@@ -94,8 +109,12 @@ class TopicReader:
         self.consumer.assign([TopicPartition(name, p, 0) for p in partitions])
         self.messages: list[Any] = []
 
-    def read_until(self, done: Callable[[list[Any]], bool], timeout: float,
-                   check: Callable[[], None] = lambda: None) -> list[Any]:
+    def read_until(
+        self,
+        done: Callable[[list[Any]], bool],
+        timeout: float,
+        check: Callable[[], None] = lambda: None,
+    ) -> list[Any]:
         deadline = time.monotonic() + timeout
         while not done(self.messages):
             if time.monotonic() > deadline:

@@ -24,14 +24,20 @@ SERVICES = ("openai", "stripe")
 
 def make_event(rng: random.Random, i: int, ts: int, users: int = 6) -> dict[str, Any]:
     event: dict[str, Any] = {
-        "event_id": f"evt-{i:06d}", "ts": ts, "user_id": f"user-{i % users}",
-        "api_key_id": f"key-{i % 3}", "service": SERVICES[i % 2],
+        "event_id": f"evt-{i:06d}",
+        "ts": ts,
+        "user_id": f"user-{i % users}",
+        "api_key_id": f"key-{i % 3}",
+        "service": SERVICES[i % 2],
         "status_code": rng.choice([200, 200, 200, 201, 404, 429, 500, 503]),
         "latency_ms": round(rng.lognormvariate(4, 0.8), 3),
     }
     if event["service"] == "openai":
-        event |= {"tokens_in": rng.randint(1, 500), "tokens_out": rng.randint(1, 900),
-                  "cost_usd": round(rng.random() / 100, 6)}
+        event |= {
+            "tokens_in": rng.randint(1, 500),
+            "tokens_out": rng.randint(1, 900),
+            "cost_usd": round(rng.random() / 100, 6),
+        }
     return event
 
 
@@ -43,13 +49,14 @@ def read_tables(path: Path) -> tuple[list[tuple[Any, ...]], dict[tuple[str, str,
     with embedded(path) as client:
         rows = client.query(
             "SELECT event_id, user_id, toUnixTimestamp64Milli(ts), late "
-            "FROM keypulse.usage_events FINAL ORDER BY event_id").result_rows
+            "FROM keypulse.usage_events FINAL ORDER BY event_id"
+        ).result_rows
         cols = ", ".join(STATS_FIELDS)
         stats = client.query(
             f"SELECT user_id, service, toUnixTimestamp64Milli(window_start), {cols} "
-            "FROM keypulse.usage_stats FINAL").result_rows
-        dup_rows = client.query(
-            "SELECT count() FROM keypulse.usage_events").result_rows[0][0]
+            "FROM keypulse.usage_stats FINAL"
+        ).result_rows
+        dup_rows = client.query("SELECT count() FROM keypulse.usage_events").result_rows[0][0]
     table = {(r[0], r[1], r[2]): dict(zip(STATS_FIELDS, r[3:], strict=True)) for r in stats}
     del dup_rows
     return [tuple(r) for r in rows], table
@@ -63,8 +70,9 @@ def stats_keys(messages: list[Any]) -> set[tuple[str, str, str]]:
     return keys
 
 
-def test_known_stream_yields_exact_tables_and_dead_letters(kafka_settings: Settings,
-                                                           tmp_path: Path) -> None:
+def test_known_stream_yields_exact_tables_and_dead_letters(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
     rng = random.Random(11)
     t0 = (int(time.time() * 1000) // WINDOW_MS) * WINDOW_MS - 600_000
     events = [make_event(rng, i, t0 + i * 50) for i in range(600)]
@@ -78,15 +86,22 @@ def test_known_stream_yields_exact_tables_and_dead_letters(kafka_settings: Setti
     bad = [
         (b"user-0", b"not json at all"),
         (b"user-1", b'{"event_id": "x1"}'),
-        (b"user-2", json.dumps({**events[0], "event_id": "bad-status", "status_code": 99}).encode()),
-        (b"user-3", json.dumps({**events[0], "event_id": "bad-svc", "service": "Open AI"}).encode()),
+        (
+            b"user-2",
+            json.dumps({**events[0], "event_id": "bad-status", "status_code": 99}).encode(),
+        ),
+        (
+            b"user-3",
+            json.dumps({**events[0], "event_id": "bad-svc", "service": "Open AI"}).encode(),
+        ),
         (b"user-4", b'{"event_id": "\xff\xfe"}'),
     ]
     late = [make_event(rng, 900 + k, t0 + 1000 + k, users=1) for k in range(3)]
     for k, e in enumerate(late):
         e["event_id"] = f"late-{k}"
-    produce(kafka_settings, topics.USAGE_EVENTS,
-            stream + duplicates + bad + [encode(e) for e in late])
+    produce(
+        kafka_settings, topics.USAGE_EVENTS, stream + duplicates + bad + [encode(e) for e in late]
+    )
 
     expected = expected_windows(events, WINDOW_MS)
     pipeline = PipelineProcess(kafka_settings, tmp_path, **FAST_WINDOWS)
@@ -94,8 +109,11 @@ def test_known_stream_yields_exact_tables_and_dead_letters(kafka_settings: Setti
     stats_reader = TopicReader(kafka_settings, topics.USAGE_STATS)
     dlq_reader = TopicReader(kafka_settings, topics.USAGE_EVENTS_DLQ)
     try:
-        stats_reader.read_until(lambda ms: len(stats_keys(ms)) >= len(expected), timeout=120,
-                                check=pipeline.assert_alive)
+        stats_reader.read_until(
+            lambda ms: len(stats_keys(ms)) >= len(expected),
+            timeout=120,
+            check=pipeline.assert_alive,
+        )
         dead = dlq_reader.read_until(lambda ms: len(ms) >= len(bad), timeout=30)
     finally:
         assert pipeline.stop() == 0
@@ -103,8 +121,10 @@ def test_known_stream_yields_exact_tables_and_dead_letters(kafka_settings: Setti
         dlq_reader.close()
 
     rows, stats = read_tables(tmp_path / "clickhouse")
-    want_rows = sorted([(e["event_id"], e["user_id"], e["ts"], False) for e in events]
-                       + [(e["event_id"], e["user_id"], e["ts"], True) for e in late])
+    want_rows = sorted(
+        [(e["event_id"], e["user_id"], e["ts"], False) for e in events]
+        + [(e["event_id"], e["user_id"], e["ts"], True) for e in late]
+    )
     assert sorted(rows) == want_rows
     assert_windows_equal(stats, expected)
 
@@ -116,13 +136,16 @@ def test_known_stream_yields_exact_tables_and_dead_letters(kafka_settings: Setti
     assert reasons[bad[2][1]] == "status_code: expected `int` >= 100"
     assert reasons[bad[4][1]] == "event_id: invalid UTF-8 at byte 14"
     for _, headers in got_dead:
-        assert headers["keypulse.source.topic"] == kafka_settings.topic(topics.USAGE_EVENTS).encode()
+        assert (
+            headers["keypulse.source.topic"] == kafka_settings.topic(topics.USAGE_EVENTS).encode()
+        )
         assert int(headers["keypulse.source.offset"]) >= 0
 
 
 @pytest.mark.slow
-def test_kill_9_three_times_loses_nothing_and_counts_nothing_twice(kafka_settings: Settings,
-                                                                   tmp_path: Path) -> None:
+def test_kill_9_three_times_loses_nothing_and_counts_nothing_twice(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
     """Live traffic while the pipeline is killed -9 at random moments and restarted."""
     rng = random.Random(5)
     pipeline = PipelineProcess(kafka_settings, tmp_path, **FAST_WINDOWS)
@@ -152,8 +175,11 @@ def test_kill_9_three_times_loses_nothing_and_counts_nothing_twice(kafka_setting
     expected = expected_windows(events, WINDOW_MS)
     reader = TopicReader(kafka_settings, topics.USAGE_STATS)
     try:
-        reader.read_until(lambda ms: len(stats_keys(ms)) >= len(expected), timeout=120,
-                          check=pipeline.assert_alive)
+        reader.read_until(
+            lambda ms: len(stats_keys(ms)) >= len(expected),
+            timeout=120,
+            check=pipeline.assert_alive,
+        )
     finally:
         assert pipeline.stop() == 0
         reader.close()

@@ -15,17 +15,37 @@ T = 1_700_000_000_000  # a window boundary
 CONFIG = ProcessorConfig(window_seconds=10, allowed_lateness_seconds=5)
 
 
-def event(eid: str, ts: int | str, user: str = "u1", service: str = "openai",
-          status: int = 200, latency: float = 10.0) -> bytes:
-    return json.dumps({"event_id": eid, "ts": ts, "user_id": user, "api_key_id": "k1",
-                       "service": service, "status_code": status,
-                       "latency_ms": latency}).encode()
+def event(
+    eid: str,
+    ts: int | str,
+    user: str = "u1",
+    service: str = "openai",
+    status: int = 200,
+    latency: float = 10.0,
+) -> bytes:
+    return json.dumps(
+        {
+            "event_id": eid,
+            "ts": ts,
+            "user_id": user,
+            "api_key_id": "k1",
+            "service": service,
+            "status_code": status,
+            "latency_ms": latency,
+        }
+    ).encode()
 
 
-def batch(records: list[bytes], wall: int, caught_up: bool = False, first_offset: int = 0,
-          partition: int = 0) -> SourceBatch:
-    return SourceBatch(partition, [(first_offset + i, b"u1", r) for i, r in enumerate(records)],
-                       wall, caught_up)
+def batch(
+    records: list[bytes],
+    wall: int,
+    caught_up: bool = False,
+    first_offset: int = 0,
+    partition: int = 0,
+) -> SourceBatch:
+    return SourceBatch(
+        partition, [(first_offset + i, b"u1", r) for i, r in enumerate(records)], wall, caught_up
+    )
 
 
 def tick(wall: int, partition: int = 0) -> SourceBatch:
@@ -40,8 +60,11 @@ def run(items: list[SourceBatch], config: ProcessorConfig = CONFIG) -> list[Part
 
 
 def stats_of(outputs: list[PartitionOutput]) -> dict[tuple[str, str, int], Any]:
-    return {(s.user_id, s.service, int(s.window_start.timestamp() * 1000)): s
-            for o in outputs for s in o.stats}
+    return {
+        (s.user_id, s.service, int(s.window_start.timestamp() * 1000)): s
+        for o in outputs
+        for s in o.stats
+    }
 
 
 def rows_of(outputs: list[PartitionOutput]) -> list[tuple[Any, ...]]:
@@ -49,8 +72,17 @@ def rows_of(outputs: list[PartitionOutput]) -> list[tuple[Any, ...]]:
 
 
 def test_out_of_order_within_lateness_is_counted_in_its_window() -> None:
-    items = [batch([event("a", T + 1000), event("b", T + 12_000), event("c", T + 9_000),
-                    event("d", T + 16_000)], wall=0)]
+    items = [
+        batch(
+            [
+                event("a", T + 1000),
+                event("b", T + 12_000),
+                event("c", T + 9_000),
+                event("d", T + 16_000),
+            ],
+            wall=0,
+        )
+    ]
     stats = stats_of(run(items))
     # watermark = 16 s - 5 s = 11 s: window [0, 10) closed with a, c; [10, 20) still open
     assert stats[("u1", "openai", T)].requests == 2
@@ -58,8 +90,7 @@ def test_out_of_order_within_lateness_is_counted_in_its_window() -> None:
 
 
 def test_late_event_lands_in_rows_but_not_in_stats() -> None:
-    items = [batch([event("a", T + 1000), event("b", T + 30_000), event("late", T + 2000)],
-                   wall=0)]
+    items = [batch([event("a", T + 1000), event("b", T + 30_000), event("late", T + 2000)], wall=0)]
     outputs = run(items)
     assert stats_of(outputs)[("u1", "openai", T)].requests == 1
     late_flags = {r[0]: r[18] for r in rows_of(outputs)}
@@ -67,8 +98,12 @@ def test_late_event_lands_in_rows_but_not_in_stats() -> None:
 
 
 def test_idle_stream_closes_its_last_window_as_wall_time_passes() -> None:
-    items = [batch([event("a", T + 1000)], wall=0, caught_up=True), tick(1000), tick(10_000),
-             tick(13_999)]
+    items = [
+        batch([event("a", T + 1000)], wall=0, caught_up=True),
+        tick(1000),
+        tick(10_000),
+        tick(13_999),
+    ]
     assert stats_of(run(items)) == {}  # watermark = 1 s - 5 s + 13.999 s of idle < 10 s
     items.append(tick(14_000))
     assert stats_of(run(items))[("u1", "openai", T)].requests == 1
@@ -81,8 +116,18 @@ def test_backlog_never_advances_with_wall_time() -> None:
 
 
 def test_duplicates_are_counted_once() -> None:
-    items = [batch([event("a", T + 1000), event("a", T + 1000), event("b", T + 2000),
-                    event("a", T + 3000), event("z", T + 60_000)], wall=0)]
+    items = [
+        batch(
+            [
+                event("a", T + 1000),
+                event("a", T + 1000),
+                event("b", T + 2000),
+                event("a", T + 3000),
+                event("z", T + 60_000),
+            ],
+            wall=0,
+        )
+    ]
     outputs = run(items)
     assert stats_of(outputs)[("u1", "openai", T)].requests == 2
     assert sorted(r[0] for r in rows_of(outputs)) == ["a", "b", "z"]
@@ -102,18 +147,33 @@ def test_bad_input_goes_to_the_dead_letter_stream_with_reason_and_offset() -> No
 
 
 def test_keys_and_services_are_separate_windows() -> None:
-    items = [batch([event("1", T, user="u1"), event("2", T, user="u2"),
-                    event("3", T, user="u1", service="stripe", status=503),
-                    event("4", T + 20_000)], wall=0)]
+    items = [
+        batch(
+            [
+                event("1", T, user="u1"),
+                event("2", T, user="u2"),
+                event("3", T, user="u1", service="stripe", status=503),
+                event("4", T + 20_000),
+            ],
+            wall=0,
+        )
+    ]
     stats = stats_of(run(items))
     assert {k: s.requests for k, s in stats.items()} == {
-        ("u1", "openai", T): 1, ("u2", "openai", T): 1, ("u1", "stripe", T): 1}
+        ("u1", "openai", T): 1,
+        ("u2", "openai", T): 1,
+        ("u1", "stripe", T): 1,
+    }
     assert stats[("u1", "stripe", T)].server_error_rate == 1.0
 
 
 def test_rfc3339_and_epoch_ms_timestamps_agree() -> None:
-    items = [batch([event("a", "2023-11-14T22:13:21+00:00"), event("b", T + 1000),
-                    event("c", T + 30_000)], wall=0)]
+    items = [
+        batch(
+            [event("a", "2023-11-14T22:13:21+00:00"), event("b", T + 1000), event("c", T + 30_000)],
+            wall=0,
+        )
+    ]
     rows = {r[0]: r[1] for r in rows_of(run(items))}
     assert rows["a"] == rows["b"] == T + 1000
 

@@ -24,8 +24,9 @@ def samples(kind: str, rng: random.Random) -> list[float]:
     if kind == "lognormal":
         return [rng.lognormvariate(4, 1) for _ in range(2000)]
     if kind == "bimodal":
-        return [rng.gauss(40, 5) if rng.random() < 0.8 else rng.gauss(2000, 100)
-                for _ in range(2000)]
+        return [
+            rng.gauss(40, 5) if rng.random() < 0.8 else rng.gauss(2000, 100) for _ in range(2000)
+        ]
     if kind == "constant":
         return [123.0] * 500
     if kind == "tiny":
@@ -52,13 +53,20 @@ def test_percentiles_are_exact(kind: str, q: float) -> None:
 def test_stats_record_fields() -> None:
     acc = WindowAcc()
     for status, latency, tin, tout, cost in [
-        (200, 10.0, 5, 7, 0.5), (201, 20.0, None, 3, None), (404, 30.0, 1, None, 0.25),
-        (429, 40.0, None, None, None), (500, 50.0, None, None, None),
+        (200, 10.0, 5, 7, 0.5),
+        (201, 20.0, None, 3, None),
+        (404, 30.0, 1, None, 0.25),
+        (429, 40.0, None, None, None),
+        (500, 50.0, None, None, None),
     ]:
         acc.add(status, latency, tin, tout, cost)
     stats = close_window("u1", "openai", 1_700_000_000_000, 10_000, acc)
     assert (stats.requests, stats.successes, stats.client_errors, stats.server_errors) == (
-        5, 2, 2, 1)
+        5,
+        2,
+        2,
+        1,
+    )
     assert (stats.success_rate, stats.error_rate, stats.server_error_rate) == (0.4, 0.6, 0.2)
     assert (stats.tokens_in, stats.tokens_out, stats.cost_usd) == (6, 10, 0.75)
     assert stats.window_seconds == 10
@@ -68,12 +76,15 @@ def test_stats_record_fields() -> None:
     assert (stats.latency_p50_ms, stats.latency_max_ms) == (30.0, 50.0)
 
 
-@pytest.mark.parametrize(("ts", "start"), [
-    (1_700_000_000_000, 1_700_000_000_000),  # exactly on a boundary: that window
-    (1_700_000_009_999, 1_700_000_000_000),  # last millisecond of it
-    (1_700_000_010_000, 1_700_000_010_000),  # the next window starts at its end
-    (0, 0),
-])
+@pytest.mark.parametrize(
+    ("ts", "start"),
+    [
+        (1_700_000_000_000, 1_700_000_000_000),  # exactly on a boundary: that window
+        (1_700_000_009_999, 1_700_000_000_000),  # last millisecond of it
+        (1_700_000_010_000, 1_700_000_010_000),  # the next window starts at its end
+        (0, 0),
+    ],
+)
 def test_window_assignment_at_boundaries(ts: int, start: int) -> None:
     assert window_start(ts, 10_000) == start
 
