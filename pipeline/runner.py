@@ -44,7 +44,9 @@ def processor_config(settings: Settings) -> ProcessorConfig:
     )
 
 
-def kafka_flow(settings: Settings, *, processes: int = 1, process_id: int = 0) -> Dataflow:
+def kafka_flow(
+    settings: Settings, *, processes: int = 1, process_id: int = 0, alerts: bool = True
+) -> Dataflow:
     """The production dataflow: Kafka in, ClickHouse and Kafka out."""
     consumer = consumer_config(settings, group_id="keypulse-pipeline")
     events_topic = settings.topic(topics.USAGE_EVENTS)
@@ -67,8 +69,8 @@ def kafka_flow(settings: Settings, *, processes: int = 1, process_id: int = 0) -
         sink,
         processor_config(settings),
         partitions=partitions,
-        rules=rules,
-        hook_factory=AlertingHook,
+        rules=rules if alerts else None,
+        hook_factory=AlertingHook if alerts else None,
         flow_id="keypulse",
     )
 
@@ -88,6 +90,7 @@ def run_pipeline(
     process_id: int | None = None,
     addresses: list[str] | None = None,
     epoch_seconds: float = 2.0,
+    alerts: bool = True,
 ) -> None:
     """Run this process's share of the dataflow until SIGINT/SIGTERM."""
     from bytewax._bytewax import cli_main
@@ -95,7 +98,7 @@ def run_pipeline(
     processes = len(addresses) if addresses else 1
     if not process_id:
         migrate(shared_client(settings), settings)
-    flow = kafka_flow(settings, processes=processes, process_id=process_id or 0)
+    flow = kafka_flow(settings, processes=processes, process_id=process_id or 0, alerts=alerts)
     recovery = recovery_config(settings, max(processes, 1))
     _stop_on_signals()
     logger.info(
