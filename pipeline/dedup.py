@@ -1,10 +1,12 @@
 """Per-user event_id deduplication over a horizon of event time.
 
-Every id is in one set (O(1) lookups) and in the list of its bucket: one minute of event
-time. A bucket is dropped when the newest event time seen is more than the horizon past the
-bucket's end, so memory follows event time, not wall time. A cap bounds memory under any
-load: past it the oldest buckets go early (`evicted_early` counts the ids that left before
-their horizon). Snapshots re-pickle only the buckets that changed since the last one.
+Every id is in one set (O(1) lookups) and in a chunk of its bucket: one minute of event
+time, split into chunks of at most `CHUNK` ids. A bucket is dropped when the newest event
+time seen is more than the horizon past the bucket's end, so memory follows event time, not
+wall time. A cap bounds memory under any load: past it the oldest buckets go early
+(`evicted_early` counts the ids that left before their horizon). A snapshot re-pickles only
+the chunks that grew since the previous one, so its cost follows the epoch's new ids, not
+the horizon's.
 """
 
 from __future__ import annotations
@@ -13,27 +15,20 @@ import pickle
 from typing import Any
 
 BUCKET_MS = 60_000
+CHUNK = 16_384
 
 
 class Deduplicator:
-    __slots__ = (
-        "_all",
-        "_blobs",
-        "_buckets",
-        "_dirty",
-        "cap",
-        "evicted_early",
-        "horizon_ms",
-        "max_ts_ms",
-    )
+    __slots__ = ("_all", "_blobs", "_buckets", "_dirty", "cap", "evicted_early", "horizon_ms",
+                 "max_ts_ms")
 
     def __init__(self, horizon_ms: int, cap: int) -> None:
         self.horizon_ms = horizon_ms
         self.cap = cap
         self._all: set[str] = set()
-        self._buckets: dict[int, list[str]] = {}
-        self._blobs: dict[int, bytes] = {}
-        self._dirty: set[int] = set()
+        self._buckets: dict[int, list[list[str]]] = {}
+        self._blobs: dict[tuple[int, int], bytes] = {}
+        self._dirty: set[tuple[int, int]] = set()
         self.max_ts_ms = 0
         self.evicted_early = 0
 
@@ -48,15 +43,20 @@ class Deduplicator:
         if key in self._all:
             return True
         bucket = ts_ms - ts_ms % BUCKET_MS
-        ids = self._buckets.get(bucket)
-        if ids is None:
+        chunks = self._buckets.get(bucket)
+        if chunks is None:
             if bucket + BUCKET_MS + self.horizon_ms < self.max_ts_ms:
                 return False  # older than the horizon: nothing left to compare it with
-            ids = self._buckets[bucket] = []
+            chunks = self._buckets[bucket] = [[]]
+        ids = chunks[-1]
+        if len(ids) >= CHUNK:
+            ids = []
+            chunks.append(ids)
         ids.append(key)
         self._all.add(key)
-        self._dirty.add(bucket)
-        self.max_ts_ms = max(self.max_ts_ms, ts_ms)
+        self._dirty.add((bucket, len(chunks) - 1))
+        if ts_ms > self.max_ts_ms:
+            self.max_ts_ms = ts_ms
         if len(self._all) > self.cap:
             self._evict_oldest()
         return False
@@ -72,32 +72,33 @@ class Deduplicator:
     def _evict_oldest(self) -> None:
         while len(self._all) > self.cap and len(self._buckets) > 1:
             oldest = min(self._buckets)
-            self.evicted_early += len(self._buckets[oldest])
+            self.evicted_early += sum(len(ids) for ids in self._buckets[oldest])
             self._drop(oldest)
 
     def _drop(self, bucket: int) -> None:
-        self._all.difference_update(self._buckets.pop(bucket))
-        self._blobs.pop(bucket, None)
-        self._dirty.discard(bucket)
+        for index, ids in enumerate(self._buckets.pop(bucket)):
+            self._all.difference_update(ids)
+            self._blobs.pop((bucket, index), None)
+            self._dirty.discard((bucket, index))
 
     # -- recovery ------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        for bucket in self._dirty:
-            self._blobs[bucket] = pickle.dumps(self._buckets[bucket], protocol=5)
+        for bucket, index in self._dirty:
+            self._blobs[(bucket, index)] = pickle.dumps(self._buckets[bucket][index], protocol=5)
         self._dirty.clear()
-        return {
-            "blobs": dict(self._blobs),
-            "max_ts_ms": self.max_ts_ms,
-            "evicted_early": self.evicted_early,
-        }
+        return {"blobs": dict(self._blobs), "max_ts_ms": self.max_ts_ms,
+                "evicted_early": self.evicted_early}
 
     @classmethod
     def restore(cls, state: dict[str, Any], horizon_ms: int, cap: int) -> Deduplicator:
         dedup = cls(horizon_ms, cap)
         dedup._blobs = dict(state["blobs"])
-        dedup._buckets = {b: pickle.loads(blob) for b, blob in dedup._blobs.items()}
-        for ids in dedup._buckets.values():
+        for bucket, index in sorted(dedup._blobs):
+            ids = pickle.loads(dedup._blobs[(bucket, index)])  # noqa: S301 - our own snapshot
+            chunks = dedup._buckets.setdefault(bucket, [])
+            assert len(chunks) == index
+            chunks.append(ids)
             dedup._all.update(ids)
         dedup.max_ts_ms = state["max_ts_ms"]
         dedup.evicted_early = state["evicted_early"]

@@ -14,6 +14,8 @@ there is one partition per worker and all of them write.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -79,6 +81,14 @@ class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
 
 
 class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
+    """Buffers event rows; a writer thread performs the inserts in order.
+
+    ClickHouse does most of an insert in C++ without the GIL, so the writer thread overlaps
+    it with the dataflow's Python work. The jobs queue is short (back-pressure), runs FIFO
+    (a stats row is never written before the events of its window), and `snapshot()` waits
+    for it to drain: what Bytewax considers delivered is in ClickHouse and Kafka.
+    """
+
     def __init__(self, sink: OutputSink) -> None:
         self.sink = sink
         self.client = sink.client_factory()
@@ -90,13 +100,19 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         self.stats_table = f"{db}.usage_stats"
         self.alerts_table = f"{db}.alerts"
         self.notifications_table = f"{db}.notifications"
+        self.rules_table = f"{db}.alert_rules"
         self.source_topic = sink.topic_name(topics.USAGE_EVENTS)
         self.topic_stats = sink.topic_name(topics.USAGE_STATS)
         self.topic_dlq = sink.topic_name(topics.USAGE_EVENTS_DLQ)
         self.topic_alerts = sink.topic_name(topics.USAGE_ALERTS)
         self.topic_notifications = sink.topic_name(topics.NOTIFICATIONS)
+        self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="keypulse-writer", daemon=True)
+        self.thread.start()
 
     def write_batch(self, values: list[PartitionOutput]) -> None:
+        self._raise_writer_error()
         stats: list[Any] = []
         alerts: list[Any] = []
         notifications: list[Any] = []
@@ -111,76 +127,101 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             alerts.extend(out.alerts)
             notifications.extend(out.notifications)
             for dead in out.dead_letters:
-                self._produce(
-                    self.topic_dlq,
-                    dead.key,
-                    dead.value,
-                    dead_letter_headers(dead, self.source_topic),
-                )
-        if len(self.rows) >= self.sink.max_rows or (
-            self.rows and time.monotonic() - self.first_buffered >= self.sink.max_age_s
+                headers = dead_letter_headers(dead, self.source_topic)
+                self._produce(self.topic_dlq, dead.key, dead.value, headers)
+        if (
+            len(self.rows) >= self.sink.max_rows
+            or (self.rows and time.monotonic() - self.first_buffered >= self.sink.max_age_s)
+            or stats  # the events of closing windows go first
         ):
-            self._flush_rows()
+            self._submit_rows()
         if stats:
-            self._write_stats(stats)
+            self.jobs.put(lambda: self._write_stats(stats))
         if alerts or notifications:
-            self._write_alerts(alerts, notifications)
+            self.jobs.put(lambda: self._write_alerts(alerts, notifications))
         if rule_rows:
-            self.client.insert(
-                f"{self.sink.database}.alert_rules", rule_rows, column_names=RULE_COLUMNS
-            )
+            self.jobs.put(lambda: self._insert(self.rules_table, rule_rows, RULE_COLUMNS))
         self.producer.poll(0)
 
     def snapshot(self) -> None:
-        self._flush_rows()
-        self._flush_kafka()
+        self._drain()
 
     def close(self) -> None:
-        self._flush_rows()
-        self._flush_kafka()
+        try:
+            self._drain()
+        finally:
+            self.jobs.put(None)
+            self.thread.join(timeout=60)
 
-    # -- writing ---------------------------------------------------------------------------
+    # -- writing (in the writer thread) -----------------------------------------------------
 
-    def _flush_rows(self) -> None:
-        if not self.rows:
-            return
-        rows, self.rows = self.rows, []
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    job()
+            except BaseException as exc:  # surfaced in the dataflow's thread
+                logger.exception("writer failed")
+                self.error = exc
+            finally:
+                self.jobs.task_done()
+
+    def _insert(self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...]) -> None:
+        self.client.insert(table, rows, column_names=columns)
+
+    def _insert_events(self, rows: list[tuple[Any, ...]]) -> None:
         started = time.perf_counter()
         self.client.insert(self.events_table, rows, column_names=EVENT_COLUMNS)
         self.sink.metrics.record_insert(len(rows), 0, time.perf_counter() - started)
 
     def _write_stats(self, stats: list[Any]) -> None:
         emitted_ms = int(time.time() * 1000)
-        # Rows of events in these windows go first: a stats row never precedes its events.
-        self._flush_rows()
         started = time.perf_counter()
-        self.client.insert(
-            self.stats_table, [stats_row(s, emitted_ms) for s in stats], column_names=STATS_COLUMNS
-        )
+        rows = [stats_row(s, emitted_ms) for s in stats]
+        self.client.insert(self.stats_table, rows, column_names=STATS_COLUMNS)
         self.sink.metrics.record_insert(0, len(stats), time.perf_counter() - started)
+        # On Kafka only once queryable in ClickHouse.
         for record in stats:
             self._produce(self.topic_stats, record.user_id.encode(), _encoder.encode(record))
 
     def _write_alerts(self, alerts: list[Any], notifications: list[Any]) -> None:
         emitted_ms = int(time.time() * 1000)
         if alerts:
-            self.client.insert(
-                self.alerts_table,
-                [alert_row(a, emitted_ms) for a in alerts],
-                column_names=ALERT_COLUMNS,
-            )
+            rows = [alert_row(a, emitted_ms) for a in alerts]
+            self.client.insert(self.alerts_table, rows, column_names=ALERT_COLUMNS)
             for alert in alerts:
                 self._produce(self.topic_alerts, alert.user_id.encode(), _encoder.encode(alert))
         if notifications:
-            self.client.insert(
-                self.notifications_table,
-                [notification_row(n) for n in notifications],
-                column_names=NOTIFICATION_COLUMNS,
-            )
+            rows = [notification_row(n) for n in notifications]
+            self.client.insert(self.notifications_table, rows, column_names=NOTIFICATION_COLUMNS)
             for note in notifications:
                 self._produce(
                     self.topic_notifications, note.user_id.encode(), _encoder.encode(note)
                 )
+
+    # -- in the dataflow's thread -------------------------------------------------------------
+
+    def _submit_rows(self) -> None:
+        if self.rows:
+            rows, self.rows = self.rows, []
+            self.jobs.put(lambda: self._insert_events(rows))
+
+    def _drain(self) -> None:
+        self._submit_rows()
+        self.jobs.join()
+        self._raise_writer_error()
+        remaining = self.producer.flush(30)
+        if remaining:
+            msg = f"{remaining} Kafka messages not delivered within 30 s"
+            raise RuntimeError(msg)
+
+    def _raise_writer_error(self) -> None:
+        if self.error is not None:
+            msg = f"writing to ClickHouse/Kafka failed: {self.error}"
+            raise RuntimeError(msg) from self.error
 
     def _produce(
         self,
@@ -195,12 +236,6 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
                 return
             except BufferError:
                 self.producer.poll(0.1)
-
-    def _flush_kafka(self) -> None:
-        remaining = self.producer.flush(30)
-        if remaining:
-            msg = f"{remaining} Kafka messages not delivered within 30 s"
-            raise RuntimeError(msg)
 
 
 def dead_letter_headers(

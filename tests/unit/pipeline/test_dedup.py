@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.dedup import BUCKET_MS, Deduplicator
+from pipeline.dedup import BUCKET_MS, CHUNK, Deduplicator
 
 T = 1_700_000_000_000
 HOUR = 3_600_000
@@ -53,3 +53,16 @@ def test_zero_horizon_disables() -> None:
     dedup = Deduplicator(0, cap=10)
     assert not dedup.seen("u", "e", T)
     assert not dedup.seen("u", "e", T)
+
+
+def test_snapshot_of_a_bucket_larger_than_a_chunk() -> None:
+    dedup = Deduplicator(HOUR, cap=10 * CHUNK)
+    for i in range(CHUNK + 5):
+        dedup.seen("u1", f"e{i}", T)
+    first = dedup.snapshot()
+    dedup.seen("u1", "late-comer", T)
+    second = dedup.snapshot()
+    assert first["blobs"][(T, 0)] is second["blobs"][(T, 0)]  # a full chunk is not re-pickled
+    restored = Deduplicator.restore(second, HOUR, 10 * CHUNK)
+    assert len(restored) == CHUNK + 6
+    assert restored.seen("u1", "e0", T) and restored.seen("u1", "late-comer", T)
