@@ -55,8 +55,7 @@ class Deduplicator:
         ids.append(key)
         self._all.add(key)
         self._dirty.add((bucket, len(chunks) - 1))
-        if ts_ms > self.max_ts_ms:
-            self.max_ts_ms = ts_ms
+        self.max_ts_ms = max(self.max_ts_ms, ts_ms)
         if len(self._all) > self.cap:
             self._evict_oldest()
         return False
@@ -95,7 +94,7 @@ class Deduplicator:
         dedup = cls(horizon_ms, cap)
         dedup._blobs = dict(state["blobs"])
         for bucket, index in sorted(dedup._blobs):
-            ids = pickle.loads(dedup._blobs[(bucket, index)])  # noqa: S301 - our own snapshot
+            ids = pickle.loads(dedup._blobs[(bucket, index)])
             chunks = dedup._buckets.setdefault(bucket, [])
             assert len(chunks) == index
             chunks.append(ids)

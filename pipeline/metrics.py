@@ -10,6 +10,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+from keypulse.metrics import register
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +45,9 @@ class PipelineMetrics:
             self.insert_seconds_total += seconds
             self.insert_seconds_last = seconds
 
-    def snapshot(self, now: float | None = None) -> dict[str, object]:
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
-        data: dict[str, object] = {
+        data: dict[str, Any] = {
             f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
         }
         data["watermark_ms"] = dict(self.watermark_ms)
@@ -79,3 +82,4 @@ class PipelineMetrics:
 
 
 METRICS = PipelineMetrics()
+register("pipeline", METRICS.snapshot)

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -92,8 +93,9 @@ def run_pipeline(
     addresses: list[str] | None = None,
     epoch_seconds: float = 2.0,
     alerts: bool = True,
+    handle_signals: bool = True,
 ) -> None:
-    """Run this process's share of the dataflow until SIGINT/SIGTERM."""
+    """Run this process's share of the dataflow until SIGINT/SIGTERM (or `STOP` is set)."""
     from bytewax._bytewax import cli_main
 
     processes = len(addresses) if addresses else 1
@@ -101,7 +103,8 @@ def run_pipeline(
         migrate(shared_client(settings), settings)
     flow = kafka_flow(settings, processes=processes, process_id=process_id or 0, alerts=alerts)
     recovery = recovery_config(settings, max(processes, 1))
-    _stop_on_signals()
+    if handle_signals:
+        _stop_on_signals()
     # The dataflow allocates millions of short-lived tuples and keeps long-lived state with
     # no reference cycles: the default GC thresholds spent a quarter of the CPU scanning it.
     gc.freeze()
@@ -179,3 +182,28 @@ def _stop_on_signals() -> None:
 
 def recovery_dir(settings: Settings) -> Path:
     return settings.data_dir / "recovery"
+
+
+class EmbeddedPipeline:
+    """The dataflow in a thread of a process that serves other things (`keypulse run`)."""
+
+    def __init__(self, settings: Settings, *, epoch_seconds: float = 2.0) -> None:
+        self.settings = settings
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(epoch_seconds,),
+                                       name="keypulse-pipeline", daemon=True)
+
+    def _run(self, epoch_seconds: float) -> None:
+        try:
+            run_pipeline(self.settings, epoch_seconds=epoch_seconds, handle_signals=False)
+        except BaseException as exc:
+            logger.exception("the pipeline stopped with an error")
+            self.error = exc
+
+    def start(self) -> None:
+        STOP.clear()
+        self.thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        STOP.set()
+        self.thread.join(timeout)

@@ -42,7 +42,9 @@ class UsageEvent(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     status_code: Annotated[int, msgspec.Meta(ge=100, le=599)]
     latency_ms: Annotated[float, msgspec.Meta(ge=0, le=3_600_000)]
     endpoint: Annotated[str, msgspec.Meta(max_length=256)] | None = None
-    method: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": METHOD_PATTERN})] | None = None
+    method: (
+        Annotated[str, msgspec.Meta(extra_json_schema={"pattern": METHOD_PATTERN})] | None
+    ) = None
     tokens_in: NonNegInt | None = None
     tokens_out: NonNegInt | None = None
     cost_usd: NonNegFloat | None = None

@@ -1,16 +1,55 @@
-"""`keypulse run`."""
+"""`keypulse run`: the embedded default. Pipeline, HTTP API and WebSocket bridge in one
+process on one port, on one embedded ClickHouse (chDB)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
+from keypulse.errors import ServiceError
 from keypulse.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--host", default=None, help="interface to bind (default: KEYPULSE_HOST)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: KEYPULSE_PORT)")
+    parser.add_argument("--epoch-seconds", type=float, default=2.0,
+                        help="pipeline snapshot interval")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    msg = "not implemented yet"
-    raise NotImplementedError(msg)
+    import uvicorn
+
+    from api import create_app
+    from infra.clickhouse.migrate import migrate
+    from infra.kafka.launcher import is_up
+    from keypulse.clickhouse import redact, shared_client
+    from pipeline.runner import EmbeddedPipeline
+    from ws_bridge import UVICORN_WS_OPTIONS, create_bridge
+
+    if not is_up(settings):
+        msg = (f"Kafka does not answer at {settings.kafka_bootstrap}; "
+               "start it with `keypulse kafka start`")
+        raise ServiceError(msg)
+    migrate(shared_client(settings), settings)
+    pipeline = EmbeddedPipeline(settings, epoch_seconds=args.epoch_seconds)
+    bridge = create_bridge(settings)
+
+    @contextlib.asynccontextmanager
+    async def pipeline_lifespan(_app: Any) -> AsyncIterator[None]:
+        pipeline.start()
+        try:
+            yield
+        finally:
+            pipeline.stop()
+
+    app = create_app(settings, routers=[bridge.router],
+                     lifespans=[pipeline_lifespan, bridge.lifespan])
+    host, port = args.host or settings.host, args.port or settings.port
+    print(f"keypulse: HTTP http://{host}:{port}/healthz  metrics http://{host}:{port}/metrics  "
+          f"WebSocket ws://{host}:{port}/ws  ClickHouse {redact(settings.dsn)}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(),
+                access_log=False, **UVICORN_WS_OPTIONS)
+    return 1 if pipeline.error is not None else 0

@@ -1,16 +1,21 @@
-"""`keypulse token`."""
+"""`keypulse token --user U [--role admin] [--ttl S]`: print a JWT (configured secret)."""
 
 from __future__ import annotations
 
 import argparse
 
+from keypulse.auth import mint_token
 from keypulse.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--user", required=True, help="the user id (the token's sub)")
+    parser.add_argument("--role", action="append", default=[], dest="roles",
+                        help="a role to grant, e.g. admin (repeatable)")
+    parser.add_argument("--ttl", type=float, default=3600.0,
+                        help="seconds until the token expires (default 3600)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    msg = "not implemented yet"
-    raise NotImplementedError(msg)
+    print(mint_token(settings, args.user, roles=tuple(args.roles), ttl_seconds=args.ttl))
+    return 0

@@ -1,16 +1,36 @@
-"""`keypulse ws`."""
+"""`keypulse ws [--host H] [--port P]`: the WebSocket bridge alone (Kafka only, no ClickHouse).
+
+uvicorn handles SIGINT/SIGTERM: it closes the sockets and runs the app's lifespan exit,
+which stops the bridge's Kafka threads.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+import uvicorn
+
 from keypulse.settings import Settings
+from ws_bridge import UVICORN_WS_OPTIONS, create_bridge
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--host", default=None, help="interface to bind (default: KEYPULSE_HOST)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: KEYPULSE_PORT)")
+    parser.add_argument("--backlog", type=int, default=4096, help="listen backlog")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    msg = "not implemented yet"
-    raise NotImplementedError(msg)
+    bridge = create_bridge(settings)
+    config = uvicorn.Config(
+        bridge.app(),
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        backlog=args.backlog,
+        lifespan="on",
+        **UVICORN_WS_OPTIONS,
+    )
+    uvicorn.Server(config).run()
+    return 0

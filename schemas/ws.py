@@ -1,0 +1,264 @@
+"""The WebSocket protocol (DESIGN §7): envelope, every client event and every server event.
+
+Every frame is a JSON object ``{"event": NAME, "data": {...}}``. Server frames also carry
+``"ts"`` (epoch milliseconds when the bridge built the frame) and ``"seq"`` (1, 2, 3… per
+connection); alert and notification frames also carry ``"cursor"``, an opaque resume token.
+
+    client → server                         server → client
+    authenticate {token, resume_from?}      authenticated {user_id, roles, connection_id, cursor}
+    subscribe / unsubscribe {channels}      subscribed {channels}
+    track_usage {usage event}               error {code, message}
+    mark_notification_read {id, read}       usage_stats_update {stats record}
+    subscribe_monitoring {} (admin)         usage_alert {alert}               (+cursor)
+    api_key_created|updated|deleted         usage_event {usage event}         (channel activity)
+        {api_key_id, service, name}         new_notification {notification}  (+cursor)
+    ping {nonce?}                           notification_read {id, read, …}   (+cursor)
+                                            system_notification {notification}
+                                            api_key_update {action, api_key_id, service, name}
+                                            system_stats {…}                  (admins)
+                                            resync_required {reason, cursor}
+                                            pong {nonce?}
+
+`subscribed`, `notification_read` and `resync_required` extend DESIGN §7 (docs/websocket.md).
+The same module defines the `apikey.events` message (`ApiKeyEvent`), which the bridge produces.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+import msgspec
+
+from schemas.alerts import Alert
+from schemas.events import UsageEvent
+from schemas.notifications import Notification, NotificationRead
+from schemas.stats import StatsRecord
+
+MAX_FRAME_BYTES = 64 * 1024
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+ServiceName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+
+
+class Channel(StrEnum):
+    """What a connection receives; all but `activity` are on after authentication."""
+
+    STATS = "stats"
+    ALERTS = "alerts"
+    NOTIFICATIONS = "notifications"
+    API_KEYS = "api_keys"
+    ACTIVITY = "activity"
+
+
+DEFAULT_CHANNELS = frozenset(
+    {Channel.STATS, Channel.ALERTS, Channel.NOTIFICATIONS, Channel.API_KEYS}
+)
+
+
+class ErrorCode(StrEnum):
+    INVALID_FRAME = "invalid_frame"  # not JSON, not an object, no `event`
+    UNKNOWN_EVENT = "unknown_event"
+    INVALID_DATA = "invalid_data"  # `data` breaks the event's schema
+    NOT_AUTHENTICATED = "not_authenticated"
+    FORBIDDEN = "forbidden"  # e.g. subscribe_monitoring without the admin role
+    FORBIDDEN_USER = "forbidden_user"  # a user_id other than the token's
+    SECRET_REFUSED = "secret_refused"  # a field looks like an API key secret
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"  # Kafka refused or its local queue is full
+
+
+class ClientFrame(msgspec.Struct, frozen=True):
+    """The envelope of every client frame; `data` is decoded per event."""
+
+    event: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    data: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+# -- client → server ------------------------------------------------------------------
+
+
+class Authenticate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
+    resume_from: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+
+class Subscribe(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    channels: Annotated[list[Channel], msgspec.Meta(min_length=1, max_length=8)]
+
+
+class MarkNotificationRead(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    notification_id: Id
+    read: bool = True
+
+
+class Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`subscribe_monitoring` carries no data."""
+
+
+class Ping(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    nonce: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class ApiKeyChange(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """`api_key_created|updated|deleted`: metadata only, never the secret."""
+
+    api_key_id: Id
+    service: ServiceName
+    name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+
+
+class ApiKeyAction(StrEnum):
+    CREATED = "created"
+    UPDATED = "updated"
+    DELETED = "deleted"
+
+
+# `track_usage` data is a usage event (schemas.events), validated by `decode_event`.
+CLIENT_EVENTS: dict[str, type[Any] | None] = {
+    "authenticate": Authenticate,
+    "subscribe": Subscribe,
+    "unsubscribe": Subscribe,
+    "track_usage": None,
+    "mark_notification_read": MarkNotificationRead,
+    "subscribe_monitoring": Empty,
+    "api_key_created": ApiKeyChange,
+    "api_key_updated": ApiKeyChange,
+    "api_key_deleted": ApiKeyChange,
+    "ping": Ping,
+}
+
+
+# -- server → client ------------------------------------------------------------------
+
+
+class Authenticated(msgspec.Struct, kw_only=True, frozen=True):
+    user_id: str
+    roles: list[str]
+    connection_id: str
+    cursor: str  # resume from here if nothing else arrives
+    expires_at: int  # epoch seconds: the token's exp; the socket closes 4401 then
+
+
+class Subscribed(msgspec.Struct, kw_only=True, frozen=True):
+    channels: list[Channel]
+
+
+class Error(msgspec.Struct, kw_only=True, frozen=True):
+    code: ErrorCode
+    message: str
+    event: str | None = None  # the client event that caused it, when known
+
+
+class ApiKeyUpdate(msgspec.Struct, kw_only=True, frozen=True):
+    action: ApiKeyAction
+    api_key_id: str
+    service: str
+    name: str
+    at: datetime
+
+
+class ResyncRequired(msgspec.Struct, kw_only=True, frozen=True):
+    reason: str
+    cursor: str  # a fresh cursor: live data continues from here
+
+
+class Pong(msgspec.Struct, kw_only=True, frozen=True):
+    nonce: str | None = None
+
+
+class ConsumerStats(msgspec.Struct, kw_only=True, frozen=True):
+    lag: int  # messages behind the log end, summed over assigned partitions (-1: unknown)
+    messages_per_s: float
+    skipped_per_s: float  # messages for users with no connection here, never decoded
+
+
+class SystemStats(msgspec.Struct, kw_only=True, frozen=True):
+    cpu_percent: float
+    memory_rss_bytes: int
+    memory_percent: float
+    uptime_s: float
+    connections: int
+    users: int
+    connections_per_user: dict[str, int]  # the busiest users (top 100)
+    frames_out_per_s: float
+    consumer: ConsumerStats
+
+
+SERVER_EVENTS: dict[str, type[Any]] = {
+    "authenticated": Authenticated,
+    "subscribed": Subscribed,
+    "error": Error,
+    "usage_stats_update": StatsRecord,
+    "usage_alert": Alert,
+    "usage_event": UsageEvent,
+    "new_notification": Notification,
+    "notification_read": NotificationRead,
+    "system_notification": Notification,
+    "api_key_update": ApiKeyUpdate,
+    "system_stats": SystemStats,
+    "resync_required": ResyncRequired,
+    "pong": Pong,
+}
+CURSOR_EVENTS = frozenset({"usage_alert", "new_notification", "notification_read"})
+
+
+class ServerFrame(msgspec.Struct, frozen=True):
+    """A server frame as a client decodes it (`data` decoded per event)."""
+
+    event: str
+    data: msgspec.Raw
+    ts: int
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    cursor: str | None = None
+
+
+# -- apikey.events (key = user_id) --------------------------------------------------------
+
+
+class ApiKeyEvent(msgspec.Struct, kw_only=True, frozen=True):
+    """One API key lifecycle change on `apikey.events`; metadata only, never the secret."""
+
+    action: ApiKeyAction
+    user_id: Id
+    api_key_id: Id
+    service: ServiceName
+    name: str = ""
+    at: datetime
+    schema_version: int = 1
+
+
+# -- encoding helpers ---------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_frame_decoder = msgspec.json.Decoder(ServerFrame)
+_data_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    name: msgspec.json.Decoder(kind) for name, kind in SERVER_EVENTS.items()
+}
+
+
+def frame_prefix(event: str, data: msgspec.Struct | msgspec.Raw, ts_ms: int) -> str:
+    """Everything of a server frame but its per-connection tail (`"cursor":…,"seq":N}`).
+
+    Encoded once per message and shared by every connection it goes to.
+    """
+    body = data if isinstance(data, msgspec.Raw) else msgspec.Raw(_encoder.encode(data))
+    head = _encoder.encode({"event": event, "data": body, "ts": ts_ms})
+    return head[:-1].decode() + ","
+
+
+def decode_server_frame(text: str | bytes) -> tuple[ServerFrame, Any]:
+    """A received server frame and its typed data (for clients and tests)."""
+    frame = _frame_decoder.decode(text)
+    decoder = _data_decoders.get(frame.event)
+    if decoder is None:
+        msg = f"unknown server event {frame.event!r}"
+        raise msgspec.ValidationError(msg)
+    return frame, decoder.decode(frame.data)
+
+
+def client_frame(event: str, data: object | None = None) -> str:
+    """A client frame as text (for clients, tests and the benchmark)."""
+    return _encoder.encode({"event": event, "data": {} if data is None else data}).decode()
+

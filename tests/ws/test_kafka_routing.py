@@ -1,0 +1,178 @@
+"""Routing from the real broker: each message to its user's connections only."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+
+import msgspec
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from keypulse.kafka import consumer_config
+from keypulse.settings import Settings
+from schemas.events import decode_event
+from schemas.notifications import NotificationMessage, NotificationRead
+from schemas.ws import ApiKeyEvent
+from tests.ws import kafka_helpers as kh
+from tests.ws.harness import expect, login, quiet, recv, send
+from ws_bridge.partition import partition_for
+
+pytestmark = pytest.mark.integration
+
+
+def read_topic(settings: Settings, topic: str, count: int,
+               timeout: float = 15) -> list[tuple[bytes, bytes]]:
+    consumer = Consumer(consumer_config(settings, group_id=f"t-{topic}-{random.random()}"))
+    name = settings.topic(topic)
+    parts = consumer.list_topics(name, timeout=10).topics[name].partitions
+    consumer.assign([TopicPartition(name, p, 0) for p in parts])
+    out: list[tuple[bytes, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count and time.monotonic() < deadline:
+        for msg in consumer.consume(100, 0.2):
+            if msg.error() is None:
+                out.append((msg.key() or b"", msg.value() or b""))
+    consumer.close()
+    return out
+
+
+def test_routing_by_kind(kafka_settings: Settings, bridges) -> None:  # type: ignore[no-untyped-def]
+    server = bridges(kafka_settings)
+    producer = kh.TestProducer(kafka_settings)
+
+    async def main() -> None:
+        alice, auth = await login(server.url, kafka_settings, "alice")
+        alice2, _ = await login(server.url, kafka_settings, "alice")
+        bob, _ = await login(server.url, kafka_settings, "bob")
+        await send(alice, "subscribe", {"channels": ["activity"]})
+        await expect(alice, "subscribed")
+        producer.send("usage.stats", "alice", kh.stats("alice"))
+        producer.send("usage.alerts", "alice", kh.alert("alice"))
+        producer.send("notifications", "alice", kh.notification("alice"))
+        producer.send("apikey.events", "alice", kh.apikey("alice"))
+        producer.send("usage.events", "alice", kh.usage("alice"))
+        producer.send("usage.stats", "carol", kh.stats("carol"))  # nobody connected
+        producer.send("usage.alerts", "bob", kh.alert("alice"))  # value/key mismatch: dropped
+        producer.send("notifications", "*", kh.notification("*"))
+        producer.flush()
+        got = [await recv(alice) for _ in range(6)]
+        events = [f.event for f, _ in got]
+        assert sorted(events) == sorted(["usage_stats_update", "usage_alert", "new_notification",
+                                         "api_key_update", "usage_event", "system_notification"])
+        for frame, data in got:
+            if frame.event != "system_notification":
+                assert data.user_id == "alice" if hasattr(data, "user_id") else True
+            if frame.event in ("usage_alert", "new_notification"):
+                assert frame.cursor and frame.cursor.startswith("1.")
+            else:
+                assert frame.cursor is None
+        got2 = sorted(f.event for f, _ in [await recv(alice2) for _ in range(5)])
+        assert "usage_event" not in got2  # activity is opt-in per connection
+        frame, _ = await expect(bob, "system_notification")
+        await quiet(bob, 0.5)
+        await quiet(alice, 0.2)
+        assert auth.cursor.startswith("1.")
+        for ws in (alice, alice2, bob):
+            await ws.close()
+
+    asyncio.run(main())
+    assert server.bridge.stats.messages_skipped >= 1
+
+
+def test_partitioner_matches_the_producer(kafka_settings: Settings) -> None:
+    producer = kh.TestProducer(kafka_settings)
+    for i in range(50):
+        producer.send("usage.alerts", f"user-{i}", kh.alert(f"user-{i}"))
+    producer.flush()
+    n = kafka_settings.topic_partitions
+    assert all(partition_for(key.encode(), n) == p for key, p, _ in producer.partitions)
+
+
+def test_client_events_through_kafka(kafka_settings: Settings, bridges) -> None:  # type: ignore[no-untyped-def]
+    server = bridges(kafka_settings)
+
+    async def main() -> None:
+        phone, _ = await login(server.url, kafka_settings, "alice")
+        laptop, _ = await login(server.url, kafka_settings, "alice")
+        bob, _ = await login(server.url, kafka_settings, "bob")
+        await send(phone, "track_usage", {"event_id": "e1", "ts": 1_714_521_600_000,
+                                          "api_key_id": "k1", "service": "openai",
+                                          "status_code": 500, "latency_ms": 3})
+        await send(phone, "mark_notification_read", {"notification_id": "n1", "read": True})
+        _, echo = await expect(laptop, "notification_read", timeout=10)
+        assert (echo.notification_id, echo.read, echo.user_id) == ("n1", True, "alice")
+        await send(laptop, "api_key_created", {"api_key_id": "k7", "service": "openai",
+                                               "name": "ci"})
+        for ws in (phone, laptop):
+            seen = {}
+            for _ in range(2):
+                frame, data = await recv(ws, timeout=10)
+                seen[frame.event] = data
+            assert seen["api_key_update"].api_key_id == "k7"
+            assert seen["new_notification"].template == "api_key_created"
+        await quiet(phone, 0.3)  # its own read-state change is not echoed back
+        await quiet(bob, 0.3)
+        for ws in (phone, laptop, bob):
+            await ws.close()
+
+    asyncio.run(main())
+    events = read_topic(kafka_settings, "usage.events", 1)
+    assert [(k, decode_event(v).user_id, decode_event(v).status_code) for k, v in events] == [
+        (b"alice", "alice", 500)]
+    notes = [msgspec.json.decode(v, type=NotificationMessage)  # type: ignore[arg-type]
+             for _, v in read_topic(kafka_settings, "notifications", 2)]
+    assert any(isinstance(n, NotificationRead) and n.notification_id == "n1" for n in notes)
+    keys = read_topic(kafka_settings, "apikey.events", 1)
+    assert msgspec.json.decode(keys[0][1], type=ApiKeyEvent).api_key_id == "k7"
+
+
+def test_isolation_fuzz(kafka_settings: Settings, bridges) -> None:  # type: ignore[no-untyped-def]
+    server = bridges(kafka_settings)
+    producer = kh.TestProducer(kafka_settings)
+    rng = random.Random(7)
+    users = [f"u{i:03d}" for i in range(100)]
+    absent = [f"x{i:03d}" for i in range(20)]
+    makers = {"usage.stats": lambda u, n: kh.stats(u, window=n),
+              "usage.alerts": kh.alert, "notifications": kh.notification,
+              "apikey.events": lambda u, n: kh.apikey(u, f"{u}:k{n}"), "usage.events": kh.usage}
+    expected: dict[str, int] = defaultdict(int)
+    sent: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        conns = {}
+        for start in range(0, 100, 25):
+            batch = await asyncio.gather(*(login(server.url, kafka_settings, u)
+                                           for u in users[start:start + 25]))
+            conns.update(zip(users[start:start + 25], (ws for ws, _ in batch), strict=True))
+        for u in users[:50]:
+            await send(conns[u], "subscribe", {"channels": ["activity"]})
+            await expect(conns[u], "subscribed")
+        for n in range(600):
+            user = rng.choice(users + absent)
+            topic = rng.choice(list(makers))
+            producer.send(topic, user, makers[topic](user, n))
+            if user in conns and (topic != "usage.events" or user in users[:50]):
+                expected[user] += 1
+                sent.append((user, topic))
+        producer.flush()
+
+        async def collect(user: str) -> None:
+            ws = conns[user]
+            for i in range(expected[user]):
+                try:
+                    frame, data = await recv(ws, timeout=20)
+                except TimeoutError:
+                    kinds = [t for u, t in sent if u == user]
+                    pytest.fail(f"{user}: got {i} of {expected[user]}: {kinds}")
+                owner = getattr(data, "user_id", None) or data.api_key_id.split(":")[0]
+                assert owner == user, (user, frame.event, owner)
+            await quiet(ws, 0.5)
+
+        await asyncio.gather(*(collect(u) for u in users))
+        for ws in conns.values():
+            await ws.close()
+
+    asyncio.run(main())

@@ -1,0 +1,144 @@
+"""Pure units: queue policy, cursors, partitioner, limits, secret detection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+
+from keypulse.clock import ManualClock
+from ws_bridge import cursor
+from ws_bridge.connection import CLOSE_OVERFLOW, CURSOR_ALERTS, CURSOR_NOTIFICATIONS, Connection
+from ws_bridge.limits import TokenBucket, looks_like_secret, secret_field_name
+from ws_bridge.partition import murmur2, partition_for
+from ws_bridge.stats import BridgeStats
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.closed: tuple[int, str] | None = None
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        self.closed = (code, reason)
+
+
+def make(max_queue: int = 8) -> tuple[Connection, FakeSocket, BridgeStats]:
+    sock, stats = FakeSocket(), BridgeStats()
+    clock = ManualClock()
+    conn = Connection(sock, "c1", "alice", (), max_queue=max_queue,  # type: ignore[arg-type]
+                      bucket=TokenBucket(1, 1, clock), usage_bucket=TokenBucket(1, 1, clock),
+                      stats=stats)
+    return conn, sock, stats
+
+
+def drain(conn: Connection) -> None:
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(conn.run_sender())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def test_stats_coalesce_latest_wins() -> None:
+    conn, sock, stats = make()
+    conn.offer_stats('{"v":1,', ("openai", 10))
+    conn.offer_stats('{"v":2,', ("anthropic", 10))
+    conn.offer_stats('{"v":3,', ("openai", 10))
+    conn.offer_stats('{"v":4,', ("openai", 20))
+    drain(conn)
+    assert sock.sent == ['{"v":3,"seq":1}', '{"v":2,"seq":2}', '{"v":4,"seq":3}']
+    assert stats.stats_coalesced == 1
+
+
+def test_must_frames_overflow_closes_4008_and_memory_is_bounded() -> None:
+    conn, sock, stats = make(max_queue=4)
+    for i in range(4):
+        conn.offer_must(f'{{"n":{i},')
+    for i in range(100):
+        conn.offer_stats('{"s":1,', ("svc", i))  # dropped: queue full
+        conn.offer_droppable('{"a":1,')
+    assert len(conn.queue) == 4 and conn.close_code is None
+    conn.offer_must('{"n":4,')
+    assert conn.close_code == CLOSE_OVERFLOW and not conn.queue
+    conn.offer_must('{"n":5,')
+    assert not conn.queue
+    drain(conn)
+    assert sock.closed is not None and sock.closed[0] == CLOSE_OVERFLOW
+    assert sock.sent == []
+    assert stats.closed_overflow == 1 and stats.stats_dropped == 100
+    assert stats.activity_dropped == 100
+
+
+def test_cursor_frames_skip_before_position_and_carry_cursor() -> None:
+    conn, sock, _ = make()
+    conn.part_a, conn.pos_a, conn.part_n, conn.pos_n = 1, 10, 2, 5
+    conn.offer_cursor('{"x":"old",', CURSOR_ALERTS, 9)
+    conn.offer_cursor('{"x":"a",', CURSOR_ALERTS, 10)
+    conn.offer_cursor('{"x":"n",', CURSOR_NOTIFICATIONS, 7)
+    conn.offer_cursor_skip(CURSOR_NOTIFICATIONS, 8)
+    drain(conn)
+    assert sock.sent == ['{"x":"a","cursor":"1.1.11.2.5","seq":1}',
+                         '{"x":"n","cursor":"1.1.11.2.8","seq":2}']
+    assert conn.cursor() == "1.1.11.2.9"
+
+
+def test_cursor_roundtrip_and_rejects() -> None:
+    c = cursor.decode("1.3.100.0.7")
+    assert c == cursor.Cursor(3, 100, 0, 7) and c.encode() == "1.3.100.0.7"
+    for bad in ("", "2.1.1.1.1", "1.1.1.1", "1.a.1.1.1", "1.-1.1.1.1", "1.1.1.1.1.1"):
+        with pytest.raises(cursor.BadCursor):
+            cursor.decode(bad)
+
+
+@pytest.mark.parametrize(("key", "java"), [
+    ("21", -973932308), ("foobar", -790332482), ("a-little-bit-long-string", -985981536),
+    ("a-little-bit-longer-string", -1486304829), ("abc", 479470107), ("", 275646681),
+    ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+])
+def test_murmur2_matches_kafka(key: str, java: int) -> None:
+    assert murmur2(key.encode()) == java & 0xFFFFFFFF
+
+
+def test_partition_for_is_stable() -> None:
+    assert all(0 <= partition_for(f"user-{i}".encode(), 4) < 4 for i in range(100))
+
+
+def test_token_bucket() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(rate=2, burst=3, clock=clock)
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    clock.advance(0.5)
+    assert bucket.take() and not bucket.take()
+    clock.advance(100)
+    assert sum(bucket.take() for _ in range(10)) == 3
+
+
+def test_secret_detection() -> None:
+    allowed = frozenset({"api_key_id", "service", "name"})
+    for name in ("secret", "api_key", "apiKey", "key", "password", "token", "client_secret",
+                 "private_key", "access_token"):
+        assert secret_field_name(name, allowed), name
+    for name in ("api_key_id", "service", "name", "label"):
+        assert not secret_field_name(name, allowed), name
+    for value in ("sk-abcdefghijkl", "sk_live_abcdefghij12", "AKIAABCDEFGHIJKLMNOP",
+                  "ghp_abcdefghijklmnopqrstuvwxyz0123", "xoxb-1234567890-abc",
+                  "Zx8Qp2LmN4vB7tR1yU6wE3sA9dF5gH0j", "eyJhbGciOiJIUzI1NiJ9.eyJz.x"):
+        assert looks_like_secret(value), value
+    for value in ("prod key", "openai", "3f2b1c4e-9a7d-4e2b-8c1d-0a9b8c7d6e5f",
+                  "3f2b1c4e9a7d4e2b8c1d0a9b8c7d6e5f", "my-production-key-for-billing",
+                  "key_123"):
+        assert not looks_like_secret(value), value
+
+
+def test_stats_snapshot() -> None:
+    snap: dict[str, Any] = BridgeStats().snapshot()
+    assert snap["consumer_lag"] == -1 and snap["frames_out"] == 0

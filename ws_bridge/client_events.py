@@ -1,0 +1,252 @@
+"""What a client may ask of an authenticated connection (DESIGN §7, client → server).
+
+Every frame is decoded against its event's schema; anything wrong earns an `error` frame
+with a code (schemas.ws.ErrorCode) and the connection carries on. Handlers never await:
+producing to Kafka only queues the message in librdkafka.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from infra.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_EVENTS
+from keypulse.auth import AuthError, verify_token
+from keypulse.clock import Clock
+from keypulse.settings import Settings
+from schemas.events import InvalidEvent, decode_event, encode_event
+from schemas.notifications import Notification, NotificationRead, NotificationType
+from schemas.ws import (
+    ApiKeyAction,
+    ApiKeyChange,
+    ApiKeyEvent,
+    Authenticate,
+    ClientFrame,
+    Error,
+    ErrorCode,
+    MarkNotificationRead,
+    Ping,
+    Pong,
+    Subscribe,
+    Subscribed,
+    frame_prefix,
+)
+from ws_bridge.connection import CHANNEL_BITS, Connection
+from ws_bridge.limits import looks_like_secret, secret_field_name
+from ws_bridge.producer import Sink, Unavailable
+from ws_bridge.registry import Registry
+from ws_bridge.router import ORIGIN_HEADER, utc_now
+from ws_bridge.stats import BridgeStats
+
+logger = logging.getLogger(__name__)
+
+_envelope = msgspec.json.Decoder(ClientFrame)
+_any = msgspec.json.Decoder(dict[str, Any])
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {
+    kind: msgspec.json.Decoder(kind)
+    for kind in (Authenticate, Subscribe, MarkNotificationRead, Ping, ApiKeyChange)
+}
+_APIKEY_FIELDS = frozenset(ApiKeyChange.__struct_fields__)
+_APIKEY_ACTIONS = {
+    "api_key_created": ApiKeyAction.CREATED,
+    "api_key_updated": ApiKeyAction.UPDATED,
+    "api_key_deleted": ApiKeyAction.DELETED,
+}
+
+
+class ClientError(Exception):
+    """Answer the client with an `error` frame."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ClientEvents:
+    def __init__(self, settings: Settings, registry: Registry, stats: BridgeStats,
+                 sink: Sink | None, clock: Clock, *,
+                 reauthenticated: Callable[[Connection, float], str],
+                 monitoring_frame: Callable[[], str]) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stats = stats
+        self.sink = sink
+        self.clock = clock
+        self.reauthenticated = reauthenticated
+        self.monitoring_frame = monitoring_frame
+        self.events_topic = settings.topic(USAGE_EVENTS)
+        self.notifications_topic = settings.topic(NOTIFICATIONS)
+        self.apikey_topic = settings.topic(APIKEY_EVENTS)
+        self.handlers: dict[str, Callable[[Connection, str, msgspec.Raw], None]] = {
+            "authenticate": self._authenticate,
+            "subscribe": self._subscribe,
+            "unsubscribe": self._subscribe,
+            "track_usage": self._track_usage,
+            "mark_notification_read": self._mark_read,
+            "subscribe_monitoring": self._monitoring,
+            "api_key_created": self._api_key,
+            "api_key_updated": self._api_key,
+            "api_key_deleted": self._api_key,
+            "ping": self._ping,
+        }
+
+    def handle(self, conn: Connection, text: str) -> None:
+        """Handle one client frame; errors become `error` frames."""
+        event: str | None = None
+        try:
+            try:
+                frame = _envelope.decode(text)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise ClientError(ErrorCode.INVALID_FRAME, f"bad frame: {exc}") from None
+            event = frame.event
+            self._handler(event)(conn, event, frame.data)
+        except ClientError as exc:
+            self.error(conn, exc.code, exc.message, event)
+
+    def _handler(self, event: str) -> Callable[[Connection, str, msgspec.Raw], None]:
+        handler = self.handlers.get(event)
+        if handler is None:
+            raise ClientError(ErrorCode.UNKNOWN_EVENT, f"unknown event {event[:64]!r}")
+        return handler
+
+    def error(self, conn: Connection, code: ErrorCode, message: str, event: str | None) -> None:
+        frame = Error(code=code, message=message[:512], event=event)
+        conn.offer_control(frame_prefix("error", frame, self._ts()))
+
+    def _ts(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _produce(self, topic: str, key: bytes, value: bytes,
+                 headers: list[tuple[str, bytes]] | None = None) -> None:
+        if self.sink is None:
+            raise ClientError(ErrorCode.UNAVAILABLE, "this bridge does not produce to Kafka")
+        try:
+            self.sink.produce(topic, key, value, headers)
+        except Unavailable as exc:
+            raise ClientError(ErrorCode.UNAVAILABLE, str(exc)) from None
+
+    # -- handlers -------------------------------------------------------------------------
+
+    def _authenticate(self, conn: Connection, _event: str, raw: msgspec.Raw) -> None:
+        data: Authenticate = _decode(Authenticate, raw)
+        try:
+            principal = verify_token(self.settings, data.token, clock=self.clock)
+        except AuthError as exc:
+            raise ClientError(ErrorCode.NOT_AUTHENTICATED, str(exc)) from None
+        if principal.user_id != conn.user_id:
+            raise ClientError(ErrorCode.FORBIDDEN_USER, "a connection cannot change user")
+        conn.roles = principal.roles
+        conn.offer_control(self.reauthenticated(conn, principal.expires_at))
+
+    def _subscribe(self, conn: Connection, event: str, raw: msgspec.Raw) -> None:
+        data: Subscribe = _decode(Subscribe, raw)
+        bits = 0
+        for channel in data.channels:
+            bits |= CHANNEL_BITS[channel.value]
+        channels = conn.channels | bits if event == "subscribe" else conn.channels & ~bits
+        self.registry.set_channels(conn, channels)
+        names = [name for name, bit in CHANNEL_BITS.items() if channels & bit]
+        conn.offer_control(frame_prefix("subscribed", Subscribed(channels=names), self._ts()))  # type: ignore[arg-type]
+
+    def _track_usage(self, conn: Connection, event: str, raw: msgspec.Raw) -> None:
+        if not conn.usage_bucket.take():
+            self.stats.rate_limited += 1
+            raise ClientError(ErrorCode.RATE_LIMITED, "track_usage rate limit exceeded")
+        try:
+            fields = _any.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ClientError(ErrorCode.INVALID_DATA, f"data: {exc}") from None
+        user_id = fields.setdefault("user_id", conn.user_id)
+        if user_id != conn.user_id:
+            raise ClientError(ErrorCode.FORBIDDEN_USER, "user_id must be the authenticated user")
+        try:
+            usage = decode_event(_encoder.encode(fields))
+        except InvalidEvent as exc:
+            raise ClientError(ErrorCode.INVALID_DATA, exc.reason) from None
+        self._produce(self.events_topic, conn.key, encode_event(usage))
+
+    def _mark_read(self, conn: Connection, _event: str, raw: msgspec.Raw) -> None:
+        data: MarkNotificationRead = _decode(MarkNotificationRead, raw)
+        read = NotificationRead(notification_id=data.notification_id, user_id=conn.user_id,
+                                read=data.read, at=utc_now(self.clock))
+        self._produce(self.notifications_topic, conn.key, _encoder.encode(read),
+                      [(ORIGIN_HEADER, conn.connection_id.encode())])
+
+    def _monitoring(self, conn: Connection, _event: str, raw: msgspec.Raw) -> None:
+        if "admin" not in conn.roles:
+            raise ClientError(ErrorCode.FORBIDDEN, "subscribe_monitoring needs the admin role")
+        try:
+            fields = _any.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ClientError(ErrorCode.INVALID_DATA, f"data: {exc}") from None
+        if fields:
+            raise ClientError(ErrorCode.INVALID_DATA, "subscribe_monitoring takes no data")
+        conn.monitoring = True
+        self.registry.monitors.add(conn)
+        conn.offer_control(self.monitoring_frame())
+
+    def _api_key(self, conn: Connection, event: str, raw: msgspec.Raw) -> None:
+        try:
+            fields = _any.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ClientError(ErrorCode.INVALID_DATA, f"data: {exc}") from None
+        _refuse_secrets(fields)
+        data: ApiKeyChange = _decode(ApiKeyChange, raw)
+        action = _APIKEY_ACTIONS[event]
+        now = utc_now(self.clock)
+        change = ApiKeyEvent(action=action, user_id=conn.user_id, api_key_id=data.api_key_id,
+                             service=data.service, name=data.name, at=now)
+        note = Notification(
+            notification_id=uuid.uuid4().hex, user_id=conn.user_id,
+            type=NotificationType.WARNING if action is ApiKeyAction.DELETED
+            else NotificationType.SUCCESS,
+            template=f"api_key_{action.value}",
+            title=f"API key {action.value}",
+            message=f"Your {data.service} key {data.name or data.api_key_id} was {action.value}.",
+            created_at=now,
+            data={"api_key_id": data.api_key_id, "service": data.service, "name": data.name},
+        )
+        self._produce(self.apikey_topic, conn.key, _encoder.encode(change))
+        self._produce(self.notifications_topic, conn.key, _encoder.encode(note))
+
+    def _ping(self, conn: Connection, _event: str, raw: msgspec.Raw) -> None:
+        data: Ping = _decode(Ping, raw)
+        conn.offer_control(frame_prefix("pong", Pong(nonce=data.nonce), self._ts()))
+
+
+def _decode(kind: type[Any], raw: msgspec.Raw) -> Any:
+    try:
+        return _decoders[kind].decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ClientError(ErrorCode.INVALID_DATA, f"data: {exc}") from None
+
+
+def _refuse_secrets(fields: dict[str, Any]) -> None:
+    """Refuse a field named like a secret, or any string value shaped like one."""
+    for name, value in fields.items():
+        if secret_field_name(name, _APIKEY_FIELDS):
+            msg = f"field {name[:64]!r} looks like a key secret; send metadata only"
+            raise ClientError(ErrorCode.SECRET_REFUSED, msg)
+        for text in _strings(value):
+            if looks_like_secret(text):
+                msg = f"field {name[:64]!r} holds what looks like a key secret; never send it"
+                raise ClientError(ErrorCode.SECRET_REFUSED, msg)
+
+
+def _strings(value: Any, depth: int = 0) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if depth > 4:
+        return []
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k, depth + 1),
+                                                       *_strings(v, depth + 1))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v, depth + 1)]
+    return []

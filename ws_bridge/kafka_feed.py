@@ -1,0 +1,216 @@
+"""The Kafka side of the bridge: one consumer thread feeding the event loop in batches.
+
+Every bridge process reads every partition of its topics (manual assignment, no consumer
+group: each process serves different users, so each needs all messages), starting at the
+log end. Per batch, under the registry lock, the thread advances its positions and keeps
+only messages whose key (the user_id) has an open connection here; `activity` messages
+only for users who subscribed to it. Kept messages are decoded and encoded off the loop
+(`Router.prepare`) and handed over with one `call_soon_threadsafe` per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
+
+from keypulse.kafka import consumer_config
+from keypulse.settings import Settings
+from ws_bridge.registry import Registry
+from ws_bridge.router import BROADCAST_KEY, Kind, Routed, Router, origin_of
+from ws_bridge.stats import BridgeStats
+
+logger = logging.getLogger(__name__)
+
+METADATA_TIMEOUT_S = 10.0
+REFRESH_S = 5.0
+
+
+class KafkaFeed:
+    """Consumes the bridge's topics in a daemon thread; `start(loop)` / `stop()`."""
+
+    def __init__(self, settings: Settings, registry: Registry, router: Router,
+                 stats: BridgeStats, *, batch_size: int = 2000, poll_timeout: float = 0.02) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.router = router
+        self.stats = stats
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer: Consumer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._assigned: set[str] = set()
+        self.ready = threading.Event()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        config = consumer_config(
+            self.settings,
+            group_id=f"keypulse-ws-{uuid.uuid4().hex[:12]}",
+            **{"statistics.interval.ms": 5000, "stats_cb": self._on_stats,
+               "fetch.wait.max.ms": 5, "client.id": "keypulse-ws"},
+        )
+        self._consumer = Consumer(config)
+        self._assign_missing(at_end=True)
+        self.ready.set()
+        self._thread = threading.Thread(target=self._run, name="ws-kafka-feed", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    # -- assignment -------------------------------------------------------------------
+
+    def _assign_missing(self, *, at_end: bool = False) -> None:
+        """Assign every partition of topics not assigned yet: at the log end when the bridge
+        starts; from the log start for a topic that appeared later (all of it is new)."""
+        consumer = self._consumer
+        assert consumer is not None
+        wanted = [t for t in self.router.kinds if t not in self._assigned]
+        if not wanted:
+            return
+        try:
+            metadata = consumer.list_topics(timeout=METADATA_TIMEOUT_S)
+        except Exception as exc:
+            logger.warning("kafka metadata unavailable: %s", exc)
+            return
+        add: list[TopicPartition] = []
+        for topic in wanted:
+            info = metadata.topics.get(topic)
+            if info is None or info.error is not None or not info.partitions:
+                logger.warning("topic %s does not exist yet; retrying every %ss", topic, REFRESH_S)
+                continue
+            for partition in sorted(info.partitions):
+                tp = TopicPartition(topic, partition)
+                low, high = self._watermarks(tp)
+                start = high if at_end else low
+                with self.registry.lock:
+                    if start >= 0:
+                        self.registry.positions[(topic, partition)] = start
+                add.append(TopicPartition(topic, partition, start))
+            with self.registry.lock:
+                self.registry.partitions[topic] = len(info.partitions)
+            self._assigned.add(topic)
+        if add:
+            consumer.incremental_assign(add)
+            logger.info("bridge consuming %d partitions of %s", len(add),
+                        ", ".join(sorted({tp.topic for tp in add})))
+
+    def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
+        """(low, high) of a partition, retried while its leader is unknown (a new topic):
+        assigning at a symbolic OFFSET_END would resolve late and skip messages."""
+        consumer = self._consumer
+        assert consumer is not None
+        deadline = time.monotonic() + METADATA_TIMEOUT_S
+        error: Exception | None = None
+        while True:
+            try:
+                low, high = consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S)
+            except Exception as exc:  # KafkaException
+                low, high, error = -1, -1, exc
+            if low >= 0 and high >= 0:
+                return low, high
+            if time.monotonic() > deadline:
+                logger.warning("no offsets for %s[%d] (%s); reading from its log end",
+                               tp.topic, tp.partition, error)
+                return OFFSET_END, OFFSET_END
+            time.sleep(0.1)
+
+    # -- the thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        consumer = self._consumer
+        loop = self._loop
+        assert consumer is not None and loop is not None
+        kinds = self.router.kinds
+        registry = self.registry
+        positions = registry.positions
+        next_refresh = 0.0
+        while not self._stop.is_set():
+            if len(self._assigned) < len(kinds):
+                now = loop.time()
+                if now >= next_refresh:
+                    self._assign_missing()
+                    next_refresh = now + REFRESH_S
+            try:
+                messages = consumer.consume(self.batch_size, self.poll_timeout)
+            except Exception:
+                logger.exception("kafka consume failed")
+                self._stop.wait(1.0)
+                continue
+            if not messages:
+                continue
+            kept: list[tuple[Kind, Any]] = []
+            skipped = 0
+            with registry.lock:
+                user_keys = registry.user_keys
+                activity_keys = registry.activity_keys
+                for msg in messages:
+                    error = msg.error()
+                    if error is not None:
+                        self._on_error(error)
+                        continue
+                    topic: str = msg.topic()  # type: ignore[assignment]
+                    offset: int = msg.offset()  # type: ignore[assignment]
+                    positions[(topic, msg.partition())] = offset + 1  # type: ignore[index]
+                    key = msg.key()
+                    kind = kinds[topic]
+                    if kind is Kind.ACTIVITY:
+                        if key in activity_keys:
+                            kept.append((kind, msg))
+                        else:
+                            skipped += 1
+                    elif key in user_keys or (kind is Kind.NOTIFICATIONS and key == BROADCAST_KEY):
+                        kept.append((kind, msg))
+                    else:
+                        skipped += 1
+            self.stats.messages_in += len(messages)
+            self.stats.messages_skipped += skipped
+            if not kept:
+                continue
+            batch: list[Routed] = []
+            for kind, msg in kept:
+                origin = origin_of(msg) if kind is Kind.NOTIFICATIONS else None
+                routed = self.router.prepare(kind, msg.key() or b"", msg.value() or b"",
+                                             msg.offset() or 0, origin=origin,
+                                             timestamp=msg.timestamp()[1])
+                if routed is not None:
+                    batch.append(routed)
+            if batch:
+                try:
+                    loop.call_soon_threadsafe(self.router.dispatch, batch)
+                except RuntimeError:  # loop closed during shutdown
+                    return
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        logger.warning("kafka: %s", error)
+
+    def _on_stats(self, raw: str) -> None:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return
+        lag = 0
+        for topic in data.get("topics", {}).values():
+            for partition in topic.get("partitions", {}).values():
+                value = partition.get("consumer_lag", -1)
+                if isinstance(value, int) and value > 0 and partition.get("partition", -1) >= 0:
+                    lag += value
+        self.stats.consumer_lag = lag
+

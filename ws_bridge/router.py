@@ -1,0 +1,206 @@
+"""From a Kafka message to the connections it belongs to.
+
+`prepare` runs on the Kafka thread: it decodes and validates the value (only for users
+with an open connection: the feed checks the key first), checks that the value's
+`user_id` equals the key, and encodes the frame once. `dispatch` runs on the event loop
+and offers that one encoded frame to each of the user's connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from enum import IntEnum
+from typing import Any
+
+import msgspec
+
+from infra.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_ALERTS, USAGE_EVENTS, USAGE_STATS
+from keypulse.clock import Clock
+from keypulse.settings import Settings
+from schemas.alerts import Alert
+from schemas.events import InvalidEvent, decode_event
+from schemas.notifications import SYSTEM_USER, Notification, NotificationMessage
+from schemas.stats import StatsRecord
+from schemas.ws import ApiKeyEvent, ApiKeyUpdate, frame_prefix
+from ws_bridge.connection import (
+    ACTIVITY,
+    ALERTS,
+    API_KEYS,
+    CURSOR_ALERTS,
+    CURSOR_NOTIFICATIONS,
+    STATS,
+)
+from ws_bridge.connection import (
+    NOTIFICATIONS as NOTIFICATIONS_BIT,
+)
+from ws_bridge.registry import Registry
+from ws_bridge.stats import BridgeStats
+
+logger = logging.getLogger(__name__)
+
+ORIGIN_HEADER = "keypulse-origin"  # connection id that caused a notifications message
+BROADCAST_KEY = SYSTEM_USER.encode()
+
+
+class Kind(IntEnum):
+    STATS = 1
+    ALERTS = 2
+    NOTIFICATIONS = 3
+    API_KEYS = 4
+    ACTIVITY = 5
+
+
+class Mode(IntEnum):
+    STATS = 1  # coalesced per (service, window)
+    CURSOR = 2  # alert / notification: never dropped, carries a cursor
+    MUST = 3  # never dropped
+    DROPPABLE = 4  # activity
+    BROADCAST = 5  # system_notification to every connection
+
+
+class Routed:
+    """One prepared message: who gets it, how, and its encoded frame head."""
+
+    __slots__ = ("channel", "coalesce", "cursor_topic", "mode", "offset", "origin", "prefix",
+                 "timestamp", "user_id")
+
+    def __init__(self, user_id: str, channel: int, mode: Mode, prefix: str, *, offset: int = -1,
+                 cursor_topic: int = 0, coalesce: tuple[str, int] = ("", 0),
+                 origin: str | None = None, timestamp: int = 0) -> None:
+        self.user_id = user_id
+        self.channel = channel
+        self.mode = mode
+        self.prefix = prefix
+        self.offset = offset
+        self.cursor_topic = cursor_topic
+        self.coalesce = coalesce
+        self.origin = origin
+        self.timestamp = timestamp
+
+
+_stats = msgspec.json.Decoder(StatsRecord)
+_alert = msgspec.json.Decoder(Alert)
+_note = msgspec.json.Decoder(NotificationMessage)  # type: ignore[arg-type]
+_apikey = msgspec.json.Decoder(ApiKeyEvent)
+
+
+class Router:
+    def __init__(self, settings: Settings, registry: Registry, stats: BridgeStats,
+                 clock: Clock) -> None:
+        self.registry = registry
+        self.stats = stats
+        self.clock = clock
+        self.kinds: dict[str, Kind] = {
+            settings.topic(USAGE_STATS): Kind.STATS,
+            settings.topic(USAGE_ALERTS): Kind.ALERTS,
+            settings.topic(NOTIFICATIONS): Kind.NOTIFICATIONS,
+            settings.topic(APIKEY_EVENTS): Kind.API_KEYS,
+            settings.topic(USAGE_EVENTS): Kind.ACTIVITY,
+        }
+
+    # -- Kafka thread ---------------------------------------------------------------------
+
+    def prepare(self, kind: Kind, key: bytes, value: bytes, offset: int, *,
+                origin: str | None = None, timestamp: int = 0) -> Routed | None:
+        """Decode, check and encode one message; None (counted) if it is not deliverable."""
+        try:
+            routed = self._prepare(kind, key.decode(), value, offset, origin)
+        except (msgspec.ValidationError, msgspec.DecodeError, InvalidEvent, UnicodeDecodeError,
+                ValueError) as exc:
+            self.stats.decode_errors += 1
+            logger.debug("undeliverable message (kind %s, offset %s): %s", kind.name, offset, exc)
+            return None
+        if routed is not None:
+            routed.timestamp = timestamp
+        else:
+            self.stats.decode_errors += 1
+        return routed
+
+    def _prepare(self, kind: Kind, user_id: str, value: bytes, offset: int,
+                 origin: str | None) -> Routed | None:
+        ts = int(self.clock() * 1000)
+        if kind is Kind.STATS:
+            rec = _stats.decode(value)
+            if rec.user_id != user_id:
+                return None
+            window = int(rec.window_start.timestamp())
+            return Routed(user_id, STATS, Mode.STATS, frame_prefix("usage_stats_update", rec, ts),
+                          coalesce=(rec.service, window))
+        if kind is Kind.ALERTS:
+            alert = _alert.decode(value)
+            if alert.user_id != user_id:
+                return None
+            return Routed(user_id, ALERTS, Mode.CURSOR, frame_prefix("usage_alert", alert, ts),
+                          offset=offset, cursor_topic=CURSOR_ALERTS)
+        if kind is Kind.NOTIFICATIONS:
+            note = _note.decode(value)
+            if note.user_id != user_id:
+                return None
+            if isinstance(note, Notification) and user_id == SYSTEM_USER:
+                return Routed(user_id, 0, Mode.BROADCAST,
+                              frame_prefix("system_notification", note, ts))
+            if user_id == SYSTEM_USER:
+                return None
+            event = "new_notification" if isinstance(note, Notification) else "notification_read"
+            return Routed(user_id, NOTIFICATIONS_BIT, Mode.CURSOR, frame_prefix(event, note, ts),
+                          offset=offset, cursor_topic=CURSOR_NOTIFICATIONS, origin=origin)
+        if kind is Kind.API_KEYS:
+            change = _apikey.decode(value)
+            if change.user_id != user_id:
+                return None
+            update = ApiKeyUpdate(action=change.action, api_key_id=change.api_key_id,
+                                  service=change.service, name=change.name, at=change.at)
+            return Routed(user_id, API_KEYS, Mode.MUST, frame_prefix("api_key_update", update, ts))
+        usage = decode_event(value)
+        if usage.user_id != user_id:
+            return None
+        return Routed(user_id, ACTIVITY, Mode.DROPPABLE, frame_prefix("usage_event", usage, ts))
+
+    # -- event loop -----------------------------------------------------------------------
+
+    def dispatch(self, batch: Iterable[Routed]) -> None:
+        """Offer each prepared message to its user's connections (or everyone's)."""
+        by_user = self.registry.by_user
+        routed_count = 0
+        for routed in batch:
+            routed_count += 1
+            if routed.mode is Mode.BROADCAST:
+                for conn in self.registry:
+                    conn.offer_must(routed.prefix)
+                continue
+            conns = by_user.get(routed.user_id)
+            if not conns:
+                continue
+            channel = routed.channel
+            mode = routed.mode
+            for conn in conns:
+                if not conn.channels & channel:
+                    continue
+                if mode is Mode.STATS:
+                    conn.offer_stats(routed.prefix, routed.coalesce)
+                elif mode is Mode.CURSOR:
+                    if routed.origin is not None and routed.origin == conn.connection_id:
+                        # the sender's own read-state change: not echoed, but the
+                        # position moves past it
+                        conn.offer_cursor_skip(routed.cursor_topic, routed.offset)
+                        continue
+                    conn.offer_cursor(routed.prefix, routed.cursor_topic, routed.offset)
+                elif mode is Mode.MUST:
+                    conn.offer_must(routed.prefix)
+                else:
+                    conn.offer_droppable(routed.prefix)
+        self.stats.messages_routed += routed_count
+
+
+def utc_now(clock: Clock) -> datetime:
+    return datetime.fromtimestamp(clock(), tz=UTC)
+
+
+def origin_of(msg: Any) -> str | None:
+    """The connection id in a Kafka message's origin header, if any."""
+    for name, value in msg.headers() or ():
+        if name == ORIGIN_HEADER and value is not None:
+            return bytes(value).decode(errors="replace")
+    return None
