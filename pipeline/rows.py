@@ -5,6 +5,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
+import msgspec
+
 from schemas.alerts import Alert, AlertRule
 from schemas.events import UsageEvent
 from schemas.notifications import Notification
@@ -37,6 +39,17 @@ EVENT_COLUMNS = (
 
 _STATS_FIELDS = tuple(f for f in StatsRecord.__struct_fields__ if f != "schema_version")
 STATS_COLUMNS = (*_STATS_FIELDS, "emitted_at")
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def event_json(event: UsageEvent, ts_ms: int, late: bool, partition: int, offset: int,
+               ingested_ms: int) -> bytes:
+    """One line for `usage_events_ingest` (JSONEachRow): the event re-encoded with its known
+    fields only, plus `__kp` = [ts_ms, late, partition, offset, ingested_ms]."""
+    return b'%b,"__kp":[%d,%d,%d,%d,%d]}' % (
+        _encode(event)[:-1], ts_ms, late, partition, offset, ingested_ms)
 
 
 def event_row(

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -26,6 +27,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from infra import topics
 from infra.clickhouse.migrate import migrate
 from keypulse.clickhouse import shared_client
+from keypulse.errors import ServiceError
 from keypulse.kafka import consumer_config, producer_config
 from keypulse.settings import Settings
 from pipeline.alerting.hook import AlertingHook
@@ -77,8 +79,16 @@ def kafka_flow(
     )
 
 
-def recovery_config(settings: Settings, partitions: int) -> RecoveryConfig:
+def recovery_config(settings: Settings, partitions: int, *, create: bool = True
+                    ) -> RecoveryConfig:
+    """The recovery store; process 0 creates it, the others wait for it."""
     path = settings.data_dir / "recovery"
+    deadline = time.monotonic() + 60
+    while not create and not any(path.glob("part-*.sqlite3")):
+        if time.monotonic() > deadline:
+            msg = f"no recovery store at {path}: is process 0 of the cluster running?"
+            raise ServiceError(msg)
+        time.sleep(0.2)
     if not any(path.glob("part-*.sqlite3")):
         path.mkdir(parents=True, exist_ok=True)
         init_db_dir(path, partitions)
@@ -102,7 +112,7 @@ def run_pipeline(
     if not process_id:
         migrate(shared_client(settings), settings)
     flow = kafka_flow(settings, processes=processes, process_id=process_id or 0, alerts=alerts)
-    recovery = recovery_config(settings, max(processes, 1))
+    recovery = recovery_config(settings, max(processes, 1), create=not process_id)
     if handle_signals:
         _stop_on_signals()
     # The dataflow allocates millions of short-lived tuples and keeps long-lived state with
@@ -132,7 +142,7 @@ def run_pipeline(
 
 
 def spawn_local_cluster(
-    processes: int, base_port: int, argv_extra: list[str], epoch_seconds: float
+    processes: int, base_port: int, argv_extra: list[str], pipeline_args: list[str]
 ) -> int:
     """Start `processes` pipeline processes on this machine as one Bytewax cluster."""
     addresses = ",".join(f"127.0.0.1:{base_port + i}" for i in range(processes))
@@ -148,8 +158,7 @@ def spawn_local_cluster(
             addresses,
             "--process-id",
             str(i),
-            "--epoch-seconds",
-            str(epoch_seconds),
+            *pipeline_args,
         ]
         children.append(subprocess.Popen(cmd, env=os.environ.copy()))
 

@@ -30,7 +30,6 @@ from pipeline.items import DeadLetter, PartitionOutput
 from pipeline.metrics import METRICS, PipelineMetrics
 from pipeline.rows import (
     ALERT_COLUMNS,
-    EVENT_COLUMNS,
     NOTIFICATION_COLUMNS,
     RULE_COLUMNS,
     STATS_COLUMNS,
@@ -42,6 +41,8 @@ from pipeline.rows import (
 logger = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
+# `ts` is sent as the event had it (string or number) and read from `__kp` instead.
+_JSON_SETTINGS = {"input_format_skip_unknown_fields": 1}
 
 
 class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
@@ -93,10 +94,10 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         self.sink = sink
         self.client = sink.client_factory()
         self.producer = Producer(sink.producer_config)
-        self.rows: list[tuple[Any, ...]] = []
+        self.rows: list[bytes] = []
         self.first_buffered = 0.0
         db = sink.database
-        self.events_table = f"{db}.usage_events"
+        self.events_table = f"{db}.usage_events_ingest"
         self.stats_table = f"{db}.usage_stats"
         self.alerts_table = f"{db}.alerts"
         self.notifications_table = f"{db}.notifications"
@@ -172,9 +173,10 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
     def _insert(self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...]) -> None:
         self.client.insert(table, rows, column_names=columns)
 
-    def _insert_events(self, rows: list[tuple[Any, ...]]) -> None:
+    def _insert_events(self, rows: list[bytes]) -> None:
         started = time.perf_counter()
-        self.client.insert(self.events_table, rows, column_names=EVENT_COLUMNS)
+        self.client.raw_insert(self.events_table, None, b"\n".join(rows), fmt="JSONEachRow",
+                               settings=_JSON_SETTINGS)
         self.sink.metrics.record_insert(len(rows), 0, time.perf_counter() - started)
 
     def _write_stats(self, stats: list[Any]) -> None:

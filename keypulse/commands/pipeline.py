@@ -61,9 +61,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.processes > 1:
         extra = ["--log-level", args.log_level] if args.log_level else []
+        pipeline_args = ["--epoch-seconds", str(args.epoch_seconds)]
         if args.no_alerts:
-            msg = "--no-alerts is for single-process runs"
-            raise ConfigError(msg)
-        return spawn_local_cluster(args.processes, args.base_port, extra, args.epoch_seconds)
+            pipeline_args.append("--no-alerts")
+        return spawn_local_cluster(args.processes, args.base_port, extra, pipeline_args)
     run_pipeline(settings, epoch_seconds=args.epoch_seconds, alerts=not args.no_alerts)
     return 0
