@@ -16,20 +16,19 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import msgspec
 from bytewax.operators import StatefulBatchLogic
 
 from pipeline.dedup import Deduplicator
 from pipeline.items import DeadLetter, PartitionOutput, RuleUpdates, SourceBatch
 from pipeline.metrics import METRICS, PipelineMetrics
+from pipeline.rows import event_json
 from pipeline.windows import Watermark, WindowAcc, close_window
 from schemas.events import InvalidEvent, decode_event
 from schemas.stats import StatsRecord
 
 logger = logging.getLogger(__name__)
 
-RUN_ID = uuid.uuid4().hex
-_encode = msgspec.json.Encoder().encode  # one per process: wall time is trusted only within a run
+RUN_ID = uuid.uuid4().hex  # one per process: wall time is trusted only within a run
 
 
 class WindowHook(Protocol):
@@ -126,7 +125,6 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         rows = out.event_rows
         partition = batch.partition
         ingested_ms = int(time.time() * 1000)
-        encode = _encode
         dead = duplicates = late = misrouted = 0
         for offset, key, value in batch.records:
             try:
@@ -162,10 +160,7 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
                     event.cost_usd,
                 )
                 watermark.observe_event(ts_ms)
-            rows.append(  # = rows.event_json(...), inlined: this loop is the hot path
-                b'%b,"__kp":[%d,%d,%d,%d,%d]}'
-                % (encode(event)[:-1], ts_ms, is_late, partition, offset, ingested_ms)
-            )
+            rows.append(event_json(event, ts_ms, is_late, partition, offset, ingested_ms))
         dedup.expire()
         metrics = self.metrics
         metrics.events_in += len(batch.records)

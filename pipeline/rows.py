@@ -10,81 +10,23 @@ import msgspec
 from schemas.alerts import Alert, AlertRule
 from schemas.events import UsageEvent
 from schemas.notifications import Notification
-from schemas.stats import StatsRecord
-
-EVENT_COLUMNS = (
-    "event_id",
-    "ts",
-    "user_id",
-    "api_key_id",
-    "service",
-    "status_code",
-    "latency_ms",
-    "endpoint",
-    "method",
-    "tokens_in",
-    "tokens_out",
-    "cost_usd",
-    "request_bytes",
-    "response_bytes",
-    "error_type",
-    "region",
-    "sdk",
-    "schema_version",
-    "late",
-    "kafka_partition",
-    "kafka_offset",
-    "ingested_at",
-)
-
-_STATS_FIELDS = tuple(f for f in StatsRecord.__struct_fields__ if f != "schema_version")
-STATS_COLUMNS = (*_STATS_FIELDS, "emitted_at")
-
 
 _encode = msgspec.json.Encoder().encode
 
 
-def event_json(event: UsageEvent, ts_ms: int, late: bool, partition: int, offset: int,
-               ingested_ms: int) -> bytes:
+def event_json(
+    event: UsageEvent, ts_ms: int, late: bool, partition: int, offset: int, ingested_ms: int
+) -> bytes:
     """One line for `usage_events_ingest` (JSONEachRow): the event re-encoded with its known
     fields only, plus `__kp` = [ts_ms, late, partition, offset, ingested_ms]."""
     return b'%b,"__kp":[%d,%d,%d,%d,%d]}' % (
-        _encode(event)[:-1], ts_ms, late, partition, offset, ingested_ms)
-
-
-def event_row(
-    event: UsageEvent, ts_ms: int, late: bool, partition: int, offset: int, ingested_ms: int
-) -> tuple[Any, ...]:
-    """One `usage_events` row; times are epoch milliseconds (DateTime64(3) ticks)."""
-    return (
-        event.event_id,
+        _encode(event)[:-1],
         ts_ms,
-        event.user_id,
-        event.api_key_id,
-        event.service,
-        event.status_code,
-        event.latency_ms,
-        event.endpoint or "",
-        (event.method or "").upper(),
-        event.tokens_in,
-        event.tokens_out,
-        event.cost_usd,
-        event.request_bytes,
-        event.response_bytes,
-        event.error_type or "",
-        event.region or "",
-        event.sdk or "",
-        event.schema_version,
         late,
         partition,
         offset,
         ingested_ms,
     )
-
-
-def stats_row(stats: StatsRecord, emitted_ms: int) -> tuple[Any, ...]:
-    values = [getattr(stats, name) for name in _STATS_FIELDS]
-    return (*values, emitted_ms)
 
 
 ALERT_COLUMNS = (

@@ -33,7 +33,7 @@ STATE_VERSION = 1
 class AlertingHook:
     """Rules + evaluator for one partition; `snapshot()` / `AlertingHook(state)` round-trip."""
 
-    __slots__ = ("book", "evaluator", "invalid_rules", "signals")
+    __slots__ = ("book", "evaluator", "idle_checked_s", "invalid_rules", "signals")
 
     def __init__(self, state: Any = None, *, config: EvaluatorConfig | None = None) -> None:
         if state is None:
@@ -46,6 +46,7 @@ class AlertingHook:
                 raise ValueError(msg)
         self.signals: list[IncidentSignal] = []
         self.invalid_rules = 0
+        self.idle_checked_s = -1
 
     def on_control(self, item: Any) -> None:
         """An `alert.rules` item: a `RuleChange`, an `AlertRule`, or raw `(key, value)`."""
@@ -74,7 +75,11 @@ class AlertingHook:
             signal = incident_signal(evaluator, record)
             if signal is not None:
                 self.signals.append(signal)
-        alerts += evaluator.on_idle(watermark_ms)
+        # on_idle walks every key with state: once per second of event time is enough (its
+        # results depend on the watermark only, not on when it is called).
+        if watermark_ms // 1000 != self.idle_checked_s:
+            self.idle_checked_s = watermark_ms // 1000
+            alerts += evaluator.on_idle(watermark_ms)
         return alerts, [notification_for(alert) for alert in alerts]
 
     def take_signals(self) -> list[IncidentSignal]:
