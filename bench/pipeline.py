@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -40,7 +39,6 @@ from keypulse.traffic import TrafficGenerator
 from schemas.alerts import AlertRule, Metric, Op
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = [m for m in Metric if m is not Metric.REQUESTS_ANOMALY]
 
 
 def generator_for_keys(keys: int, seed: int) -> TrafficGenerator:
@@ -69,6 +67,18 @@ def produce(settings: Settings, topic: str, messages: Any, total: int) -> float:
             print(f"  produced {n:,}/{total:,}", file=sys.stderr, flush=True)
     producer.flush(60)
     return time.perf_counter() - started
+
+
+def topic_count(settings: Settings, topic: str) -> int:
+    name = settings.topic(topic)
+    consumer = Consumer(consumer_config(settings, group_id=f"bench-{uuid.uuid4().hex}"))
+    parts = consumer.list_topics(name, timeout=10).topics[name].partitions
+    total = 0
+    for p in parts:
+        low, high = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)
+        total += high - low
+    consumer.close()
+    return total
 
 
 def bare_consumer(settings: Settings, total: int) -> float:
@@ -179,15 +189,24 @@ def fresh_settings(base: Settings) -> Settings:
     return settings
 
 
+# Thresholds an operator would set: they fire for the generator's unhealthy keys, not for all.
+RULE_TEMPLATES = (
+    (Metric.ERROR_RATE, Op.GT, 0.25), (Metric.SERVER_ERROR_RATE, Op.GT, 0.1),
+    (Metric.SUCCESS_RATE, Op.LT, 0.6), (Metric.LATENCY_P50_MS, Op.GT, 1500.0),
+    (Metric.LATENCY_P95_MS, Op.GT, 4000.0), (Metric.LATENCY_P99_MS, Op.GT, 8000.0),
+    (Metric.LATENCY_AVG_MS, Op.GT, 2000.0), (Metric.REQUESTS, Op.GT, 5000.0),
+    (Metric.COST_USD, Op.GT, 50.0), (Metric.TOKENS, Op.GT, 2_000_000.0),
+)
+
+
 def rules_for(users: list[str], per_user: int) -> list[tuple[bytes, bytes]]:
-    rng = random.Random(3)
     out = []
     for user in users:
         for i in range(per_user):
-            metric = METRICS[i % len(METRICS)]
-            rule = AlertRule(rule_id=f"{user}-r{i}", user_id=user, name=f"rule {i}",
-                             metric=metric, op=Op.GT, threshold=rng.uniform(0.5, 5000),
-                             for_windows=1 + i % 3, min_requests=5, version=1)
+            metric, op, threshold = RULE_TEMPLATES[i % len(RULE_TEMPLATES)]
+            rule = AlertRule(rule_id=f"{user}-r{i}", user_id=user, name=f"{metric} {op} "
+                             f"{threshold:g}", metric=metric, op=op, threshold=threshold,
+                             for_windows=1 + i % 2, min_requests=5, version=1)
             out.append((rule.rule_id.encode(), msgspec.json.encode(rule)))
     return out
 
@@ -308,8 +327,7 @@ def main() -> None:
     ceiling_s = bare_consumer(plain, len(messages) + len(closers))
     print("cold run without alerts…", file=sys.stderr)
     cluster = ("-p", str(args.processes)) if args.processes > 1 else ()
-    plain_s, plain_rss = cold_run(plain, len(windows), len(messages),
-                                  ("--no-alerts",) if not cluster else cluster)
+    plain_s, plain_rss = cold_run(plain, len(windows), len(messages), (*cluster, "--no-alerts"))
 
     alerting = setup_topics()
     users = sorted({k[0].decode() for k in windows})[: args.rules_users]
@@ -332,7 +350,8 @@ def main() -> None:
     print(f"peak RSS                       {plain_rss / 2**20:,.0f} MiB")
     print(f"with {len(users):,} users x {args.rules_per_user} rules  {alert_rate:,.0f} events/s "
           f"(alert evaluation costs {100 * (1 - alert_rate / plain_rate):.1f} %), "
-          f"peak RSS {alert_rss / 2**20:,.0f} MiB")
+          f"peak RSS {alert_rss / 2**20:,.0f} MiB, "
+          f"{topic_count(alerting, topics.USAGE_ALERTS):,} alert records")
     if not args.skip_freshness:
         rate = plain_rate / 2
         print(f"freshness at {rate:,.0f} events/s for {args.freshness_seconds:.0f} s…",

@@ -22,6 +22,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from infra.kafka import launcher  # noqa: E402
 from keypulse.auth import mint_token  # noqa: E402
-from keypulse.kafka import producer_config  # noqa: E402
+from keypulse.kafka import consumer_config, producer_config  # noqa: E402
 from keypulse.settings import Settings, load  # noqa: E402
 from schemas.notifications import Notification, NotificationType  # noqa: E402
 
@@ -246,10 +247,49 @@ async def _client(host: str, port: int, users: list[str], settings: Settings,
 # -- producer and measurement (parent) --------------------------------------------------------
 
 
-def produce(settings: Settings, users: list[str], rate: int, seconds: float) -> tuple[int, int]:
+class _Probe:
+    """A plain Kafka consumer of the same topic in the parent: produce→consume latency of
+    the broker alone on this machine, to set the bridge's figures against."""
+
+    def __init__(self, settings: Settings) -> None:
+        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+        self.consumer = Consumer(consumer_config(settings, group_id=f"probe-{uuid.uuid4().hex}",
+                                                 **{"fetch.wait.max.ms": 5}))
+        topic = settings.topic("notifications")
+        partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
+        self.latencies: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        decoder = msgspec.json.Decoder(_Data)
+        while not self.stop.is_set():
+            messages = self.consumer.consume(1, 0.1)
+            if messages:
+                messages.extend(self.consumer.consume(1999, 0))
+            now = time.time()
+            for msg in messages:
+                if msg.error() is not None or msg.key() == b"*":
+                    continue
+                sent = decoder.decode(msg.value() or b"{}").data.get("t")
+                if sent is not None:
+                    self.latencies.append(now - float(sent))
+
+    def close(self) -> list[float]:
+        self.stop.set()
+        self.thread.join(10)
+        self.consumer.close()
+        return self.latencies
+
+
+def produce(settings: Settings, users: list[str], rate: int, seconds: float,
+            linger_ms: float) -> tuple[int, int]:
     from confluent_kafka import Producer
 
-    producer = Producer(producer_config(settings, **{"linger.ms": 1}))
+    producer = Producer(producer_config(settings, **{"linger.ms": linger_ms}))
     enc = msgspec.json.Encoder()
     topic = settings.topic("notifications")
     sent = broadcasts = 0
@@ -294,6 +334,8 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=1000, help="per-user messages per second")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--loaders", type=int, default=2)
+    parser.add_argument("--linger-ms", type=float, default=0.0,
+                        help="producer linger.ms (per-user notifications want it at 0)")
     args = parser.parse_args()
     raise_nofile()
 
@@ -345,8 +387,10 @@ def main() -> int:
         rss_connected = proc.memory_info().rss
         cpu0 = proc.cpu_times()
         t0 = time.time()
-        sent, broadcasts = produce(settings, users, args.rate, args.seconds)
+        probe = _Probe(settings)
+        sent, broadcasts = produce(settings, users, args.rate, args.seconds, args.linger_ms)
         time.sleep(2.0)
+        kafka_alone = probe.close()
         cpu1 = proc.cpu_times()
         wall = time.time() - t0
         rss_loaded = proc.memory_info().rss
@@ -388,6 +432,8 @@ def main() -> int:
               f"max {max(latencies or [0]) * 1000:.1f} ms")
         print(f"  of which produce→bridge p50 {pct(to_bridge, 0.5) * 1000:.1f} ms, "
               f"p99 {pct(to_bridge, 0.99) * 1000:.1f} ms (bridge frame ts, 1 ms resolution)")
+        print(f"Kafka alone (probe)      p50 {pct(kafka_alone, 0.5) * 1000:.1f} ms, "
+              f"p99 {pct(kafka_alone, 0.99) * 1000:.1f} ms (plain consumer, same messages)")
         print(f"frame checks             {seq_errors} seq gaps, {foreign} frames of another user")
         print(f"server CPU under load    {cpu:.0f} % of one core")
         print(f"load clients CPU         {client_cpu / wall * 100:.0f} % of one core "

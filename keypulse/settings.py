@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     window_seconds: int = Field(10, ge=1, le=86_400)
     allowed_lateness_seconds: int = Field(5, ge=0, le=86_400)
     dedup_horizon_seconds: int = Field(3600, ge=0, le=7 * 86_400)
-    dedup_max_ids: int = Field(5_000_000, ge=1000)
+    dedup_max_ids: int = Field(2_000_000, ge=1000)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

@@ -28,7 +28,7 @@ class Deduplicator:
         self._all: set[str] = set()
         self._buckets: dict[int, list[list[str]]] = {}
         self._blobs: dict[tuple[int, int], bytes] = {}
-        self._dirty: set[tuple[int, int]] = set()
+        self._dirty: set[int] = set()  # buckets whose last chunk grew since the last snapshot
         self.max_ts_ms = 0
         self.evicted_early = 0
 
@@ -49,12 +49,13 @@ class Deduplicator:
                 return False  # older than the horizon: nothing left to compare it with
             chunks = self._buckets[bucket] = [[]]
         ids = chunks[-1]
-        if len(ids) >= CHUNK:
+        if len(ids) >= CHUNK:  # the full chunk never changes again: pickle it once, now
+            self._blobs[(bucket, len(chunks) - 1)] = pickle.dumps(ids, protocol=5)
             ids = []
             chunks.append(ids)
         ids.append(key)
         self._all.add(key)
-        self._dirty.add((bucket, len(chunks) - 1))
+        self._dirty.add(bucket)
         self.max_ts_ms = max(self.max_ts_ms, ts_ms)
         if len(self._all) > self.cap:
             self._evict_oldest()
@@ -78,13 +79,14 @@ class Deduplicator:
         for index, ids in enumerate(self._buckets.pop(bucket)):
             self._all.difference_update(ids)
             self._blobs.pop((bucket, index), None)
-            self._dirty.discard((bucket, index))
+        self._dirty.discard(bucket)
 
     # -- recovery ------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        for bucket, index in self._dirty:
-            self._blobs[(bucket, index)] = pickle.dumps(self._buckets[bucket][index], protocol=5)
+        for bucket in self._dirty:
+            chunks = self._buckets[bucket]
+            self._blobs[(bucket, len(chunks) - 1)] = pickle.dumps(chunks[-1], protocol=5)
         self._dirty.clear()
         return {"blobs": dict(self._blobs), "max_ts_ms": self.max_ts_ms,
                 "evicted_early": self.evicted_early}
