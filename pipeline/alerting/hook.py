@@ -15,6 +15,7 @@ by then, which is what makes idle resolution deterministic.
 from __future__ import annotations
 
 import logging
+import pickle
 from typing import Any
 
 from pipeline.alerting.evaluator import AlertEvaluator, EvaluatorConfig
@@ -33,17 +34,21 @@ STATE_VERSION = 1
 class AlertingHook:
     """Rules + evaluator for one partition; `snapshot()` / `AlertingHook(state)` round-trip."""
 
-    __slots__ = ("book", "evaluator", "idle_checked_s", "invalid_rules", "signals")
+    __slots__ = ("_book_blob", "book", "evaluator", "idle_checked_s", "invalid_rules", "signals")
 
     def __init__(self, state: Any = None, *, config: EvaluatorConfig | None = None) -> None:
         if state is None:
             self.book = RuleBook()
             self.evaluator = AlertEvaluator(config)
         else:
-            version, self.book, self.evaluator = state
+            version, book, self.evaluator = state
             if version != STATE_VERSION:
                 msg = f"alerting state version {version}, expected {STATE_VERSION}"
                 raise ValueError(msg)
+            self.book = pickle.loads(book) if isinstance(book, bytes) else book
+        # Every partition holds the whole rule book; it changes rarely, so a snapshot
+        # re-pickles it only after a change.
+        self._book_blob: bytes | None = None
         self.signals: list[IncidentSignal] = []
         self.invalid_rules = 0
         self.idle_checked_s = -1
@@ -65,6 +70,7 @@ class AlertingHook:
             logger.debug("alerting hook: ignoring control item %r", type(item))
             return
         self.book.apply(change)
+        self._book_blob = None
 
     def on_windows(self, stats: list[StatsRecord], watermark_ms: int
                    ) -> tuple[list[Alert], list[Notification]]:
@@ -87,5 +93,7 @@ class AlertingHook:
         signals, self.signals = self.signals, []
         return signals
 
-    def snapshot(self) -> tuple[int, RuleBook, AlertEvaluator]:
-        return STATE_VERSION, self.book, self.evaluator
+    def snapshot(self) -> tuple[int, bytes, AlertEvaluator]:
+        if self._book_blob is None:
+            self._book_blob = pickle.dumps(self.book, protocol=5)
+        return STATE_VERSION, self._book_blob, self.evaluator
