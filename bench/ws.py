@@ -3,10 +3,13 @@
     .venv/bin/python bench/ws.py [--connections 10000] [--rate 1000] [--seconds 20]
 
 Starts `keypulse ws` (a subprocess) against the broker at KEYPULSE_KAFKA_BOOTSTRAP with a
-fresh topic prefix, opens the connections from two load processes (websockets' asyncio
-client), then produces `--rate` per-user notifications per second plus one broadcast
-per second and prints: connections reached, connect rate, server RSS per 1,000
-connections, p50/p99 latency from Kafka produce to client receive, and CPU.
+fresh topic prefix, opens the connections from two load processes (a minimal raw-asyncio
+WebSocket client, see below), then produces `--rate` per-user notifications per second
+(`linger.ms` 0) plus one broadcast per second and prints: connections reached, connect
+rate, server RSS per 1,000 connections, p50/p99 latency from Kafka produce (the time is
+carried in the message) to client receive, split at the bridge's frame `ts`, the same
+latency for a plain Kafka consumer of the same messages (the broker's share on this
+machine), frame checks (seq gaps, foreign frames, lost sockets), and CPU.
 Raises its own (and the server's) open-file limit. Not a test: it prints figures.
 """
 
@@ -86,6 +89,8 @@ class _Load:
         self.broadcasts = 0
         self.seq_errors = 0
         self.foreign = 0
+        self.lost = 0  # authenticated sockets that closed before the end
+        self.stopping = False
 
 
 class _Client(asyncio.Protocol):
@@ -111,8 +116,11 @@ class _Client(asyncio.Protocol):
              "Sec-WebSocket-Version: 13\r\n\r\n").encode())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.authed is not None and not self.authed.done():
-            self.authed.set_exception(ConnectionError("closed before authenticated"))
+        if self.authed is not None:
+            if not self.authed.done():
+                self.authed.set_exception(ConnectionError("closed before authenticated"))
+        elif not self.load.stopping:
+            self.load.lost += 1
 
     def send(self, opcode: int, payload: bytes) -> None:
         """A masked client frame (payloads < 64 KiB)."""
@@ -120,8 +128,7 @@ class _Client(asyncio.Protocol):
         n = len(payload)
         head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else (
             bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big"))
-        masked = (int.from_bytes(payload, "big")
-                  ^ int.from_bytes(mask * (n // 4 + 1), "big") >> (8 * (-n % 4)))
+        masked = int.from_bytes(payload, "big") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "big")
         assert self.transport is not None
         self.transport.write(head + mask + masked.to_bytes(n, "big"))
 
@@ -238,7 +245,8 @@ async def _client(host: str, port: int, users: list[str], settings: Settings,
         await asyncio.sleep(0.2)
     cpu = time.process_time() - cpu0
     out.put(("latencies", load.latencies, load.to_bridge, load.broadcasts, load.seq_errors,
-             load.foreign, cpu))
+             load.foreign, load.lost, cpu))
+    load.stopping = True
     for client in conns:
         if client.transport is not None:
             client.transport.abort()
@@ -397,10 +405,11 @@ def main() -> int:
         stop.set()
         latencies: list[float] = []
         to_bridge: list[float] = []
-        received_broadcasts = seq_errors = foreign = 0
+        received_broadcasts = seq_errors = foreign = lost = 0
         client_cpu = 0.0
         for _ in loaders:
-            kind, lat, tb, bc, se, fo, ccpu = out.get(timeout=120)
+            kind, lat, tb, bc, se, fo, lo, ccpu = out.get(timeout=120)
+            lost += lo
             latencies.extend(lat)
             to_bridge.extend(tb)
             received_broadcasts += bc
@@ -434,7 +443,8 @@ def main() -> int:
               f"p99 {pct(to_bridge, 0.99) * 1000:.1f} ms (bridge frame ts, 1 ms resolution)")
         print(f"Kafka alone (probe)      p50 {pct(kafka_alone, 0.5) * 1000:.1f} ms, "
               f"p99 {pct(kafka_alone, 0.99) * 1000:.1f} ms (plain consumer, same messages)")
-        print(f"frame checks             {seq_errors} seq gaps, {foreign} frames of another user")
+        print(f"frame checks             {seq_errors} seq gaps, {foreign} frames of another user, "
+              f"{lost} sockets lost during the run")
         print(f"server CPU under load    {cpu:.0f} % of one core")
         print(f"load clients CPU         {client_cpu / wall * 100:.0f} % of one core "
               f"({args.loaders} processes)")

@@ -3,7 +3,8 @@
     create_bridge(settings) → Bridge        app.py: route, lifecycle, uvicorn options
     Sessions                                session.py: origin, auth, resume, frame loop
     ClientEvents                            client_events.py: what clients may send
-    Connection                              connection.py: bounded queue + sender task
+    Connection                              connection.py: bounded queue, direct socket writes
+    BridgeApp, SlimWebSocketProtocol        asgi.py: what `keypulse ws` serves (lean per socket)
     Registry                                registry.py: connections by user, key sets
     Router                                  router.py: Kafka message → encoded frame → users
     KafkaFeed, BridgeProducer               kafka_feed.py, producer.py: the Kafka threads

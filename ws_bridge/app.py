@@ -18,13 +18,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter
 from starlette.routing import WebSocketRoute
 
 from infra.topics import NOTIFICATIONS, USAGE_ALERTS
 from keypulse.clock import Clock, system_clock
 from keypulse.settings import Settings
 from schemas.ws import MAX_FRAME_BYTES
+from ws_bridge.asgi import BridgeApp, SlimWebSocketProtocol
 from ws_bridge.client_events import ClientEvents
 from ws_bridge.connection import CLOSE_GOING_AWAY, Connection
 from ws_bridge.kafka_feed import KafkaFeed
@@ -38,7 +39,7 @@ from ws_bridge.stats import BridgeStats
 logger = logging.getLogger(__name__)
 
 UVICORN_WS_OPTIONS: dict[str, Any] = {
-    "ws": "websockets-sansio",
+    "ws": SlimWebSocketProtocol,  # uvicorn's "websockets-sansio", lighter per socket
     "ws_max_size": MAX_FRAME_BYTES,
     "ws_per_message_deflate": False,
     "ws_ping_interval": 20.0,
@@ -84,6 +85,7 @@ class Bridge:
                                  stats=self.stats, clock=clock, limits=self.limits, kafka=kafka)
         self.router = APIRouter(tags=["websocket"])
         self.router.routes.append(WebSocketRoute(path, self.sessions.serve, name="ws"))
+        self.path = path
         self._started = False
 
     def _reauthenticated(self, conn: Connection, expires_at: float) -> str:
@@ -127,12 +129,11 @@ class Bridge:
         finally:
             await self.stop()
 
-    def app(self) -> FastAPI:
-        """A FastAPI app serving only this bridge (what `keypulse ws` runs)."""
-        app = FastAPI(title="keypulse websocket bridge", lifespan=self.lifespan,
-                      openapi_url=None, docs_url=None, redoc_url=None)
-        app.include_router(self.router)
-        return app
+    def app(self) -> BridgeApp:
+        """A bare ASGI app serving only this bridge (what `keypulse ws` runs): no
+        middleware stack under each socket (see ws_bridge.asgi). To serve the bridge
+        beside other routes, include `router` in your own app instead."""
+        return BridgeApp(self, self.path)
 
 
 def create_bridge(settings: Settings, **options: Any) -> Bridge:

@@ -1,7 +1,16 @@
-"""One authenticated WebSocket: its bounded send queue and the task that drains it.
+"""One authenticated WebSocket: its bounded send queue and how it is written.
 
 Routing never awaits: it offers a pre-encoded frame to `Connection.offer*`, which appends
-to a small deque and wakes the sender. The queue is bounded (`max_queue` frames):
+to a small deque and writes it. Under uvicorn's sans-I/O websockets protocol (what the
+bridge runs on) the frame is written straight to the transport, WebSocket header and all
+(server frames are unmasked text frames: two or four header bytes), with no task, no ASGI
+message and no await per frame; frames stay queued only while the transport is paused
+(its buffer is over the high-water mark: the peer is not reading) and a small drain task
+writes them when it resumes. Broadcasts are queued everywhere first and written by the
+router's sliced fan-out (`flush`), so per-user frames never wait behind 10,000 writes:
+a per-user frame flushes its connection at once, broadcast first, so order is kept.
+Under any other ASGI server (tests' fake sockets) one sender task per connection drains
+the queue with `websocket.send_text`. The queue is bounded (`max_queue` frames):
 
 - stats updates are coalesced: the queue holds a `(service, window_start)` key and the
   latest frame for that key wins, so a slow client sees fewer, fresher updates;
@@ -18,10 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from ws_bridge import cursor
 from ws_bridge.limits import TokenBucket
@@ -62,6 +71,7 @@ class Connection:
         "close_code",
         "close_reason",
         "connection_id",
+        "drainer",
         "error_budget_at",
         "expiry",
         "flood",
@@ -73,10 +83,12 @@ class Connection:
         "pending_stats",
         "pos_a",
         "pos_n",
+        "proto",
         "queue",
         "roles",
         "sender",
         "seq",
+        "started",
         "stats",
         "usage_bucket",
         "user_id",
@@ -104,7 +116,7 @@ class Connection:
         self.channels = DEFAULT_CHANNELS
         self.monitoring = False
         self.seq = 0
-        self.queue: deque[Any] = deque()
+        self.queue: list[Any] = []  # a list: 56 bytes empty, and it is almost always empty
         self.pending_stats: dict[tuple[str, int], str] | None = None
         self.max_queue = max_queue
         self.waiter: asyncio.Future[None] | None = None
@@ -120,6 +132,10 @@ class Connection:
         # resume position: next offset per cursor topic (set by the registry at add time)
         self.part_a = self.part_n = 0
         self.pos_a = self.pos_n = 0
+        # fast path: uvicorn's sans-I/O protocol under this socket (None: sender task)
+        self.proto: WebSocketsSansIOProtocol | None = find_protocol(websocket)
+        self.started = False  # frames are only written once the session has started us
+        self.drainer: asyncio.Task[None] | None = None
 
     # -- offers (never await, never raise) -----------------------------------------
 
@@ -178,6 +194,21 @@ class Connection:
         self.queue.append(key)
         self._wake()
 
+    def offer_broadcast(self, prefix: str) -> bool:
+        """A frame for every connection (offer_must's policy), queued but not written on the
+        fast path: True if the caller must `flush` this connection (its sliced fan-out)."""
+        if self.close_code is not None:
+            return False
+        if len(self.queue) >= self.max_queue:
+            self.stats.closed_overflow += 1
+            self.close(CLOSE_OVERFLOW, "send queue overflow: resume from your last cursor")
+            return False
+        self.queue.append(prefix)
+        if self.proto is None:
+            self._wake()
+            return False
+        return self.started
+
     def offer_droppable(self, prefix: str) -> None:
         """An activity frame: dropped once the queue is half full."""
         if self.close_code is None and len(self.queue) < self.max_queue // 2:
@@ -191,20 +222,96 @@ class Connection:
 
     # -- lifecycle ------------------------------------------------------------------
 
+    def start(self) -> None:
+        """The session sent `authenticated` (and queued any replay): start writing."""
+        self.started = True
+        loop = asyncio.get_running_loop()
+        if self.proto is None:
+            self.sender = loop.create_task(self.run_sender())
+        elif self.close_code is not None:
+            self.sender = loop.create_task(self._close_now())
+        else:
+            self.flush()
+
+    def stop(self) -> None:
+        """The session ended: cancel what still runs for this connection."""
+        for task in (self.sender, self.drainer):
+            if task is not None and not task.done():
+                task.cancel()
+        self.queue.clear()
+        self.pending_stats = None
+
     def close(self, code: int, reason: str = "") -> None:
-        """Ask the sender to close the socket with `code`; queued frames are discarded."""
+        """Close the socket with `code` (a close frame, then the TCP connection if the peer
+        does not take it within 2 s); queued frames are discarded."""
         if self.close_code is not None:
             return
         self.close_code = code
         self.close_reason = reason
         self.queue.clear()
         self.pending_stats = None
-        self._wake()
+        if self.proto is None:
+            self._wake()
+        elif self.started:
+            if self.drainer is not None:
+                self.drainer.cancel()
+            self.sender = asyncio.get_running_loop().create_task(self._close_now())
 
     def _wake(self) -> None:
+        if self.proto is not None:
+            if self.started:
+                self.flush()
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def flush(self) -> None:
+        """Fast path: write every queued frame to the transport now, in one write."""
+        queue = self.queue
+        proto = self.proto
+        if not queue or proto is None or self.close_code is not None:
+            return
+        transport = proto.transport
+        if proto.close_sent or proto.disconnected or transport.is_closing():
+            queue.clear()  # going away: the receive loop gets the disconnect
+            self.pending_stats = None
+            return
+        if not proto.writable.is_set():  # paused: the peer is behind
+            if self.drainer is None:
+                self.drainer = asyncio.get_running_loop().create_task(self._drain(proto))
+            return
+        if len(queue) == 1 and queue[0].__class__ is str:  # the common case: one frame
+            seq = self.seq = self.seq + 1
+            data = f'{queue.pop()}"seq":{seq}}}'.encode()
+            self.stats.frames_out += 1
+            transport.write(_header(len(data)) + data)
+            return
+        parts: list[bytes] = []
+        seq = self.seq
+        items = queue.copy()
+        queue.clear()
+        for item in items:
+            prefix = item
+            if item.__class__ is tuple:
+                pending = self.pending_stats
+                if pending is None:
+                    continue
+                prefix = pending.pop(item)
+            seq += 1
+            data = f'{prefix}"seq":{seq}}}'.encode()
+            parts.append(_header(len(data)))
+            parts.append(data)
+        self.stats.frames_out += seq - self.seq
+        self.seq = seq
+        transport.write(b"".join(parts))
+
+    async def _drain(self, proto: WebSocketsSansIOProtocol) -> None:
+        try:
+            await proto.writable.wait()
+        finally:
+            self.drainer = None
+        self.flush()
 
     async def run_sender(self) -> None:
         """Write queued frames in order, stamping `seq`; close when asked."""
@@ -220,7 +327,7 @@ class Connection:
                     finally:
                         self.waiter = None
                     continue
-                item = queue.popleft()
+                item = queue.pop(0)  # at most max_queue items
                 if item.__class__ is tuple:
                     pending = self.pending_stats
                     if pending is None:
@@ -239,9 +346,45 @@ class Connection:
             await asyncio.wait_for(self.websocket.close(code, self.close_reason), CLOSE_GRACE_S)
         except TimeoutError:
             logger.info("connection %s did not take its close frame; aborting", self.connection_id)
-            abort_transport(self.websocket)
+            if self.proto is not None:
+                self.proto.transport.abort()
+            else:
+                abort_transport(self.websocket)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass
+
+
+_SMALL_HEADERS = [bytes((0x81, size)) for size in range(126)]
+
+
+def _header(size: int) -> bytes:
+    """The header of an unmasked, unfragmented text frame of `size` bytes (RFC 6455 5.2)."""
+    if size < 126:
+        return _SMALL_HEADERS[size]
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big")
+    return b"\x81\x7f" + size.to_bytes(8, "big")
+
+
+def find_protocol(websocket: WebSocket) -> WebSocketsSansIOProtocol | None:
+    """uvicorn's sans-I/O protocol object behind `websocket`'s ASGI send callable (the
+    bound method itself, or inside closures of middleware that wrap it), if that is what
+    serves it."""
+    seen: set[int] = set()
+    stack: list[Any] = [getattr(websocket, "_send", None)]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen or len(seen) > 32:
+            continue
+        seen.add(id(obj))
+        owner = getattr(obj, "__self__", None)
+        if isinstance(owner, WebSocketsSansIOProtocol):
+            return owner
+        for cell in getattr(obj, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):
+                if callable(cell.cell_contents):
+                    stack.append(cell.cell_contents)
+    return None
 
 
 def abort_transport(websocket: WebSocket) -> None:

@@ -36,7 +36,7 @@ class KafkaFeed:
     """Consumes the bridge's topics in a daemon thread; `start(loop)` / `stop()`."""
 
     def __init__(self, settings: Settings, registry: Registry, router: Router,
-                 stats: BridgeStats, *, batch_size: int = 2000, poll_timeout: float = 0.02) -> None:
+                 stats: BridgeStats, *, batch_size: int = 2000, poll_timeout: float = 0.1) -> None:
         self.settings = settings
         self.registry = registry
         self.router = router
@@ -147,7 +147,11 @@ class KafkaFeed:
                     self._assign_missing()
                     next_refresh = now + REFRESH_S
             try:
-                messages = consumer.consume(self.batch_size, self.poll_timeout)
+                # consume(n, timeout) waits the whole timeout unless n messages arrive:
+                # wait for the first, then take whatever else is already fetched
+                messages = consumer.consume(1, self.poll_timeout)
+                if messages:
+                    messages.extend(consumer.consume(self.batch_size - 1, 0))
             except Exception:
                 logger.exception("kafka consume failed")
                 self._stop.wait(1.0)

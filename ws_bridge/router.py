@@ -4,11 +4,19 @@
 with an open connection: the feed checks the key first), checks that the value's
 `user_id` equals the key, and encodes the frame once. `dispatch` runs on the event loop
 and offers that one encoded frame to each of the user's connections.
+
+A broadcast is queued on every connection at once (cheap), but written in slices of
+`FANOUT_SLICE_S` of loop time, so per-user frames and client events that arrive meanwhile
+are not stuck behind 10,000 socket writes (a per-user frame flushes its own connection,
+queued broadcast first, so each connection still sees them in order).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -31,6 +39,7 @@ from ws_bridge.connection import (
     CURSOR_ALERTS,
     CURSOR_NOTIFICATIONS,
     STATS,
+    Connection,
 )
 from ws_bridge.connection import (
     NOTIFICATIONS as NOTIFICATIONS_BIT,
@@ -40,6 +49,7 @@ from ws_bridge.stats import BridgeStats
 
 logger = logging.getLogger(__name__)
 
+FANOUT_SLICE_S = 0.002  # loop time per slice of a broadcast's socket writes
 ORIGIN_HEADER = "keypulse-origin"  # connection id that caused a notifications message
 BROADCAST_KEY = SYSTEM_USER.encode()
 
@@ -99,6 +109,8 @@ class Router:
             settings.topic(APIKEY_EVENTS): Kind.API_KEYS,
             settings.topic(USAGE_EVENTS): Kind.ACTIVITY,
         }
+        self._fanout: deque[Connection] = deque()  # connections with a broadcast to write
+        self._fanout_scheduled = False
 
     # -- Kafka thread ---------------------------------------------------------------------
 
@@ -167,8 +179,7 @@ class Router:
         for routed in batch:
             routed_count += 1
             if routed.mode is Mode.BROADCAST:
-                for conn in self.registry:
-                    conn.offer_must(routed.prefix)
+                self._broadcast(routed.prefix)
                 continue
             conns = by_user.get(routed.user_id)
             if not conns:
@@ -192,6 +203,29 @@ class Router:
                 else:
                     conn.offer_droppable(routed.prefix)
         self.stats.messages_routed += routed_count
+
+    def _broadcast(self, prefix: str) -> None:
+        fanout = self._fanout
+        for conn in self.registry:
+            if conn.offer_broadcast(prefix):
+                fanout.append(conn)
+        if fanout and not self._fanout_scheduled:
+            self._fanout_scheduled = True
+            asyncio.get_running_loop().call_soon(self._fanout_step)
+
+    def _fanout_step(self) -> None:
+        """Write queued broadcasts for `FANOUT_SLICE_S`, then yield to the loop."""
+        fanout = self._fanout
+        deadline = time.perf_counter() + FANOUT_SLICE_S
+        while fanout:
+            for _ in range(min(64, len(fanout))):
+                fanout.popleft().flush()
+            if time.perf_counter() >= deadline:
+                break
+        if fanout:
+            asyncio.get_running_loop().call_soon(self._fanout_step)
+        else:
+            self._fanout_scheduled = False
 
 
 def utc_now(clock: Clock) -> datetime:

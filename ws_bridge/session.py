@@ -171,7 +171,7 @@ class Sessions:
             await websocket.send_text(f'{first}"seq":1}}')
             if resume_from is not None:
                 await self._resume(conn, start, baseline)
-            conn.sender = asyncio.get_running_loop().create_task(conn.run_sender())
+            conn.start()
             await self._receive_loop(conn)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass
@@ -179,8 +179,7 @@ class Sessions:
             self.registry.remove(conn)
             if conn.expiry is not None:
                 conn.expiry.cancel()
-            if conn.sender is not None and not conn.sender.done():
-                conn.sender.cancel()
+            conn.stop()
 
     def authenticated(self, conn: Connection, expires_at: float,
                       start: cursors.Cursor | str | None = None) -> str:
@@ -233,14 +232,14 @@ class Sessions:
                 reason = "replay_failed"
             else:
                 reason = result.resync
-                conn.queue.extendleft(reversed(result.frames))
+                conn.queue[0:0] = result.frames
         if reason is not None:
             self.stats.resyncs += 1
             conn.pos_a, conn.pos_n = max(baseline[0], 0), max(baseline[1], 0)
             frame = frame_prefix("resync_required",
                                  ResyncRequired(reason=reason, cursor=conn.cursor()),
                                  int(self.clock() * 1000))
-            conn.queue.appendleft(frame)
+            conn.queue.insert(0, frame)
 
     async def _receive_loop(self, conn: Connection) -> None:
         websocket = conn.websocket
