@@ -34,7 +34,9 @@ kafka-stop: install
 run: install
 	KEYPULSE_DEV=1 $(BIN)/keypulse kafka start
 	KEYPULSE_DEV=1 $(BIN)/keypulse migrate
-	@KEYPULSE_DEV=1 $(BIN)/keypulse gen --rate $(RATE) --duration 0 --quiet & \
+	@echo "demo traffic: keypulse gen at $(RATE) events/s, an error burst after 60 s (log: .keypulse/gen.log)"
+	@KEYPULSE_DEV=1 $(BIN)/keypulse gen --rate $(RATE) --incident error-burst \
+	    --incident-start 60 --incident-duration 60 2> .keypulse/gen.log & \
 	  gen=$$!; trap 'kill $$gen 2>/dev/null; wait $$gen 2>/dev/null' EXIT INT TERM; \
 	  KEYPULSE_DEV=1 $(BIN)/keypulse run --host $(HOST) --port $(PORT)
 

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS {db}.usage_events
 ENGINE = ReplacingMergeTree(ingested_at)
 PARTITION BY toYYYYMMDD(ts)
 ORDER BY (user_id, service, ts, event_id)
-TTL toDateTime(ts) + INTERVAL {events_ttl_days} DAY;
+TTL toDateTime(ts) + INTERVAL 30 DAY;  -- R__events_ttl applies KEYPULSE_EVENTS_TTL_DAYS
 
 CREATE TABLE IF NOT EXISTS {db}.usage_stats
 (
