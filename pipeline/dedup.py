@@ -56,7 +56,8 @@ class Deduplicator:
         ids.append(key)
         self._all.add(key)
         self._dirty.add(bucket)
-        self.max_ts_ms = max(self.max_ts_ms, ts_ms)
+        if ts_ms > self.max_ts_ms:  # not max(): a call per event on the hot path
+            self.max_ts_ms = ts_ms
         if len(self._all) > self.cap:
             self._evict_oldest()
         return False

@@ -85,7 +85,7 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         self.partition = partition
         self.next_offset = OFFSET_BEGINNING if resume_offset is None else resume_offset
         config = dict(source.consumer_config)
-        config.setdefault("queued.max.messages.kbytes", 16384)  # prefetch per partition: RSS
+        config.setdefault("queued.max.messages.kbytes", 8192)  # prefetch per partition: RSS
         self.consumer = Consumer(config)
         self.tp = TopicPartition(source.topic, partition, self.next_offset)
         self.consumer.assign([self.tp])

@@ -40,7 +40,8 @@ class Watermark:
         if ts_ms > self.max_event_ms:
             self.max_event_ms = ts_ms
             candidate = ts_ms - self.lateness_ms
-            self.value = max(self.value, candidate)
+            if candidate > self.value:
+                self.value = candidate
 
     def observe_wall(self, wall_ms: int, caught_up: bool, run_id: str) -> None:
         """Advance by the wall time that passed while caught up, within one run."""
@@ -99,7 +100,8 @@ class WindowAcc:
             self.server_errors += 1
         self.latencies.append(latency)
         self.latency_sum += latency
-        self.latency_max = max(self.latency_max, latency)
+        if latency > self.latency_max:
+            self.latency_max = latency
         if tokens_in:
             self.tokens_in += tokens_in
         if tokens_out:
