@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any
 
 import msgspec
 
-from schemas.alerts import Alert, AlertRule
+from schemas.alerts import AlertRule
 from schemas.events import UsageEvent
-from schemas.notifications import Notification
 
 _encode = msgspec.json.Encoder().encode
 
@@ -26,55 +24,6 @@ def event_json(
         partition,
         offset,
         ingested_ms,
-    )
-
-
-ALERT_COLUMNS = (
-    "alert_id",
-    "rule_id",
-    "rule_name",
-    "user_id",
-    "service",
-    "metric",
-    "op",
-    "threshold",
-    "value",
-    "severity",
-    "state",
-    "window_start",
-    "window_end",
-    "fired_at",
-    "resolved_at",
-    "message",
-    "emitted_at",
-)
-NOTIFICATION_COLUMNS = (
-    "notification_id",
-    "user_id",
-    "type",
-    "template",
-    "title",
-    "message",
-    "data",
-    "created_at",
-)
-
-
-def alert_row(alert: Alert, emitted_ms: int) -> tuple[Any, ...]:
-    values = (getattr(alert, name) for name in ALERT_COLUMNS[:-1])
-    return (*(v.value if isinstance(v, Enum) else v for v in values), emitted_ms)
-
-
-def notification_row(note: Notification) -> tuple[Any, ...]:
-    return (
-        note.notification_id,
-        note.user_id,
-        str(note.type),
-        note.template,
-        note.title,
-        note.message,
-        dict(note.data),
-        note.created_at,
     )
 
 

@@ -29,11 +29,7 @@ from infra import topics
 from pipeline.items import DeadLetter, PartitionOutput
 from pipeline.metrics import METRICS, PipelineMetrics
 from pipeline.rows import (
-    ALERT_COLUMNS,
-    NOTIFICATION_COLUMNS,
     RULE_COLUMNS,
-    alert_row,
-    notification_row,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,6 +90,9 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         self.producer = Producer(sink.producer_config)
         self.rows: list[bytes] = []
         self.first_buffered = 0.0
+        self.alerts: list[Any] = []
+        self.notifications: list[Any] = []
+        self.alerts_buffered = 0.0
         db = sink.database
         self.events_table = f"{db}.usage_events_ingest"
         self.stats_table = f"{db}.usage_stats"
@@ -137,7 +136,14 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         if stats:
             self.jobs.put(lambda: self._write_stats(stats))
         if alerts or notifications:
-            self.jobs.put(lambda: self._write_alerts(alerts, notifications))
+            if not self.alerts and not self.notifications:
+                self.alerts_buffered = time.monotonic()
+            self.alerts.extend(alerts)
+            self.notifications.extend(notifications)
+        if (self.alerts or self.notifications) and (
+            time.monotonic() - self.alerts_buffered >= self.sink.max_age_s
+        ):
+            self._submit_alerts()
         if rule_rows:
             self.jobs.put(lambda: self._insert(self.rules_table, rule_rows, RULE_COLUMNS))
         self.producer.poll(0)
@@ -189,19 +195,18 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             self._produce(self.topic_stats, record.user_id.encode(), value)
 
     def _write_alerts(self, alerts: list[Any], notifications: list[Any]) -> None:
-        emitted_ms = int(time.time() * 1000)
-        if alerts:
-            rows = [alert_row(a, emitted_ms) for a in alerts]
-            self.client.insert(self.alerts_table, rows, column_names=ALERT_COLUMNS)
-            for alert in alerts:
-                self._produce(self.topic_alerts, alert.user_id.encode(), _encoder.encode(alert))
-        if notifications:
-            rows = [notification_row(n) for n in notifications]
-            self.client.insert(self.notifications_table, rows, column_names=NOTIFICATION_COLUMNS)
-            for note in notifications:
-                self._produce(
-                    self.topic_notifications, note.user_id.encode(), _encoder.encode(note)
-                )
+        """Alerts and notifications as the JSON also published on Kafka (one encoding)."""
+        for table, topic, records in (
+            (self.alerts_table, self.topic_alerts, alerts),
+            (self.notifications_table, self.topic_notifications, notifications),
+        ):
+            if not records:
+                continue
+            encoded = [_encoder.encode(record) for record in records]
+            self.client.raw_insert(table, None, b"\n".join(encoded), fmt="JSONEachRow",
+                                   settings=_JSON_SETTINGS)
+            for record, value in zip(records, encoded, strict=True):
+                self._produce(topic, record.user_id.encode(), value)
 
     # -- in the dataflow's thread -------------------------------------------------------------
 
@@ -210,8 +215,16 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             rows, self.rows = self.rows, []
             self.jobs.put(lambda: self._insert_events(rows))
 
+    def _submit_alerts(self) -> None:
+        """Alerts are rare but come in bursts: batched up to `max_age_s`, like event rows."""
+        alerts, self.alerts = self.alerts, []
+        notifications, self.notifications = self.notifications, []
+        if alerts or notifications:
+            self.jobs.put(lambda: self._write_alerts(alerts, notifications))
+
     def _drain(self) -> None:
         self._submit_rows()
+        self._submit_alerts()
         self.jobs.join()
         self._raise_writer_error()
         remaining = self.producer.flush(30)
