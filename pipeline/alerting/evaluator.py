@@ -84,12 +84,13 @@ class _RuleState:
     def idle_ms(self, windows: int) -> int:
         return windows * (self.last_end_ms - self.last_start_ms)
 
-    def __getstate__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
+    def __getstate__(self) -> tuple[Any, ...]:  # snapshots pickle every state each epoch
+        return (self.alert_id, self.breaches, self.cleans, self.fired_at_ms, self.last_end_ms,
+                self.last_start_ms, self.last_value, self.rule, self.streak_start_ms)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(self.__slots__, state, strict=True):
-            setattr(self, name, value)
+        (self.alert_id, self.breaches, self.cleans, self.fired_at_ms, self.last_end_ms,
+         self.last_start_ms, self.last_value, self.rule, self.streak_start_ms) = state
 
 
 class AlertEvaluator:
