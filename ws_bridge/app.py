@@ -22,6 +22,7 @@ from fastapi import APIRouter
 from starlette.routing import WebSocketRoute
 
 from infra.topics import NOTIFICATIONS, USAGE_ALERTS
+from keypulse import metrics
 from keypulse.clock import Clock, system_clock
 from keypulse.settings import Settings
 from schemas.ws import MAX_FRAME_BYTES
@@ -101,11 +102,18 @@ class Bridge:
         if self.feed is not None:
             await loop.run_in_executor(None, self.feed.start, loop)
         self.monitor.start()
+        metrics.register("ws", self.metrics)
         self._started = True
         logger.info("websocket bridge started")
 
+    def metrics(self) -> dict[str, int]:
+        """Counters for `/metrics` and system stats: connections and the bridge's totals."""
+        return {**self.stats.snapshot(), "connections": self.registry.total,
+                "connected_users": self.registry.users()}
+
     async def stop(self) -> None:
         """Close every socket (1001), then stop the Kafka threads."""
+        metrics.unregister("ws")
         if not self._started:
             return
         self._started = False
