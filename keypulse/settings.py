@@ -6,7 +6,7 @@ import functools
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from keypulse.errors import ConfigError
@@ -81,26 +81,29 @@ class Settings(BaseSettings):
             raise ValueError(msg)
         return value
 
-    @model_validator(mode="after")
-    def _secret(self) -> Settings:
-        if self.dev:
-            return self
+    # -- derived values ---------------------------------------------------------------
+
+    def jwt_problem(self) -> str | None:
+        """Why the JWT secret cannot be used here, or None when it can."""
         secret = self.jwt_secret.get_secret_value()
+        if self.dev:
+            return None
         if secret.lower() in PLACEHOLDER_SECRETS or secret == DEV_JWT_SECRET:
-            msg = (
+            return (
                 "KEYPULSE_JWT_SECRET is missing or a placeholder; set a random secret of at "
                 "least 32 characters (or KEYPULSE_DEV=1 for local development)"
             )
-            raise ValueError(msg)
         if len(secret) < 32:
-            msg = "KEYPULSE_JWT_SECRET must be at least 32 characters"
-            raise ValueError(msg)
-        return self
-
-    # -- derived values ---------------------------------------------------------------
+            return "KEYPULSE_JWT_SECRET must be at least 32 characters"
+        return None
 
     @property
     def jwt_key(self) -> str:
+        """The HS256 key. ConfigError outside dev mode when the secret is missing or weak:
+        every part that signs or verifies tokens refuses to start without a real one."""
+        problem = self.jwt_problem()
+        if problem is not None:
+            raise ConfigError(problem)
         secret = self.jwt_secret.get_secret_value()
         return secret if secret else DEV_JWT_SECRET
 

@@ -145,5 +145,9 @@ class Bridge:
 
 
 def create_bridge(settings: Settings, **options: Any) -> Bridge:
-    """The bridge for `settings`; see `Bridge` for the options (path, clock, limits, kafka)."""
+    """The bridge for `settings`; see `Bridge` for the options (path, clock, limits, kafka).
+
+    Refuses (ConfigError) a missing or placeholder JWT secret outside dev mode.
+    """
+    settings.jwt_key  # noqa: B018 - raises before a socket is ever accepted
     return Bridge(settings, **options)

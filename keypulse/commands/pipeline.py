@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epoch-seconds",
         type=float,
-        default=2.0,
+        default=5.0,
         help="snapshot interval: at most this much is replayed after a crash",
     )
     parser.add_argument(
