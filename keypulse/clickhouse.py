@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import clickhouse_connect
@@ -60,17 +59,3 @@ def _first_line(exc: BaseException) -> str:
     if errno := re.search(r"\[Errno -?\d+\] ([^\"')]+)", text):
         return errno.group(1).strip()
     return text.splitlines()[0][:300]
-
-
-def query_rows(
-    client: Client, sql: str, parameters: dict[str, Any] | None = None
-) -> list[tuple[Any, ...]]:
-    return [tuple(row) for row in client.query(sql, parameters=parameters).result_rows]
-
-
-def close_shared() -> None:
-    """Close every shared client (an embedded engine can then open another path)."""
-    with _lock:
-        for client in _shared.values():
-            client.close()
-        _shared.clear()

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -187,10 +186,6 @@ def _stop_on_signals() -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-
-
-def recovery_dir(settings: Settings) -> Path:
-    return settings.data_dir / "recovery"
 
 
 class EmbeddedPipeline:

@@ -160,10 +160,6 @@ def encode_event(event: UsageEvent) -> bytes:
     return _encoder.encode(event)
 
 
-def ms_to_datetime(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
 # The reasons msgspec gives for `ts`, in words an SDK author can act on.
 _TS_REASONS = {
     "Expected `int | float | datetime`": "expected an RFC 3339 string or epoch milliseconds",

@@ -260,7 +260,9 @@ def start(settings: Settings, *, wait_seconds: float = 60, progress: Progress | 
     pid = _broker_pid(settings)
     if is_up(settings) or (pid is not None and _wait_up(settings, pid, wait_seconds)):
         owner = f" (pid {pid})" if pid is not None else ""
-        return f"Kafka already running at {bootstrap}{owner}"
+        created = ensure_topics(settings)  # also makes a compose or remote broker ready
+        topics_note = f"; created topics {', '.join(created)}" if created else ""
+        return f"Kafka already running at {bootstrap}{owner}{topics_note}"
     if pid is not None and _alive(pid):
         msg = (
             f"Kafka pid {pid} is running but does not answer at {bootstrap}; see "
