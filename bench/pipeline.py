@@ -34,6 +34,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from infra import topics
 from infra.kafka import launcher
 from keypulse.kafka import consumer_config, producer_config
+from keypulse.kafka import produce as kafka_produce
 from keypulse.settings import Settings, load
 from keypulse.traffic import TrafficGenerator
 from schemas.alerts import AlertRule, Metric, Op
@@ -57,12 +58,7 @@ def produce(settings: Settings, topic: str, messages: Any, total: int) -> float:
     name = settings.topic(topic)
     started = time.perf_counter()
     for n, (key, value) in enumerate(messages, 1):
-        while True:
-            try:
-                producer.produce(name, value, key)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        kafka_produce(producer, name, value, key)
         if n % 200_000 == 0:
             print(f"  produced {n:,}/{total:,}", file=sys.stderr, flush=True)
     producer.flush(60)
@@ -237,12 +233,7 @@ def freshness(base: Settings, rate: float, seconds: float, gen: TrafficGenerator
         while time.perf_counter() < end:
             now_ms = int(time.time() * 1000)
             for key, value in gen.events(per_tick, now_ms):
-                while True:
-                    try:
-                        producer.produce(name, value, key)
-                        break
-                    except BufferError:
-                        producer.poll(0.01)
+                kafka_produce(producer, name, value, key, wait_seconds=0.01)
             producer.poll(0)
             next_at += tick
             time.sleep(max(0.0, next_at - time.perf_counter()))

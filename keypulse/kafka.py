@@ -7,7 +7,10 @@ dataflow and the bridge rely on "one user, one partition".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from confluent_kafka import Producer
 
 from keypulse.settings import Settings
 
@@ -46,3 +49,22 @@ def admin_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap}
     config.update(overrides)
     return config
+
+
+def produce(
+    producer: Producer,
+    topic: str,
+    value: bytes,
+    key: bytes | None = None,
+    *,
+    headers: list[tuple[str, str | bytes | None]] | None = None,
+    on_delivery: Callable[..., None] | None = None,
+    wait_seconds: float = 0.05,
+) -> None:
+    """Produce, waiting for deliveries to drain while the local queue is full (never drops)."""
+    while True:
+        try:
+            producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(wait_seconds)

@@ -116,18 +116,16 @@ def rule_row_mapper(
 
 
 def _rule_output(item: tuple[str, tuple[Any, ...] | None]) -> Keyed | None:
-    row = item[1]
-    if row is None:
+    if item[1] is None:
         return None
     out = PartitionOutput.empty()
-    out.rule_rows.append(row)
-    return "0", out
+    out.rule_rows.append(item[1])
+    return "0", out  # the sink's first writer
 
 
 def _notification_output(item: tuple[str, Notification | None]) -> Keyed | None:
-    note = item[1]
-    if note is None:
+    if item[1] is None:
         return None
     out = PartitionOutput.empty()
-    out.notifications.append(note)
+    out.notifications.append(item[1])
     return "0", out

@@ -26,6 +26,7 @@ from clickhouse_connect.driver.client import Client
 from confluent_kafka import Producer
 
 from infra import topics
+from keypulse.kafka import produce
 from pipeline.items import DeadLetter, PartitionOutput
 from pipeline.metrics import METRICS, PipelineMetrics
 from pipeline.rows import (
@@ -244,12 +245,7 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         value: bytes,
         headers: list[tuple[str, str | bytes | None]] | None = None,
     ) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key, headers=headers)
-                return
-            except BufferError:
-                self.producer.poll(0.1)
+        produce(self.producer, topic, value, key, headers=headers)
 
 
 def dead_letter_headers(

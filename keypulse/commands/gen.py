@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from keypulse.errors import ConfigError, ServiceError
 from keypulse.kafka import admin_config, producer_config
+from keypulse.kafka import produce as kafka_produce
 from keypulse.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
              if args.incident else ""),
           file=out, flush=True)
     progress = _Progress(out)
-    produce = producer.produce
     poll = producer.poll
     sent = 0
     malformed = 0
@@ -232,12 +232,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             now_ms = int(time.time() * 1000)
             for key, value, kind in gen.labeled_events(due, now_ms):
-                while True:
-                    try:
-                        produce(topic, value, key, on_delivery=on_delivery)
-                        break
-                    except BufferError:
-                        poll(0.05)  # local queue full: let deliveries drain
+                kafka_produce(producer, topic, value, key, on_delivery=on_delivery)
                 sent += 1
                 if kind is not None:
                     malformed += 1

@@ -17,6 +17,7 @@ from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from keypulse.kafka import consumer_config, producer_config
+from keypulse.kafka import produce as kafka_produce
 from keypulse.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,12 +91,7 @@ class PipelineProcess:
 def produce(settings: Settings, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
     producer = Producer(producer_config(settings))
     for key, value in messages:
-        while True:
-            try:
-                producer.produce(settings.topic(topic), value, key)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        kafka_produce(producer, settings.topic(topic), value, key)
     assert producer.flush(30) == 0
 
 
