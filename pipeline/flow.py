@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import bytewax.operators as op
@@ -24,14 +23,13 @@ from bytewax.outputs import Sink
 from pipeline.alerting.incidents import IncidentConfig, IncidentCounter, IncidentSignal
 from pipeline.alerting.rules import InvalidRuleMessage, RuleChange, decode_rule_message
 from pipeline.items import PartitionOutput, RuleUpdates, SourceBatch
-from pipeline.processor import PartitionProcessor, ProcessorConfig, WindowHook
+from pipeline.processor import HookFactory, PartitionProcessor, ProcessorConfig
 from pipeline.rows import rule_row
 from schemas.alerts import AlertRule
 from schemas.notifications import Notification
 
 logger = logging.getLogger(__name__)
 
-HookFactory = Callable[[Any], WindowHook]  # resumed hook state (or None) → hook
 Keyed = tuple[str, PartitionOutput]
 
 
@@ -66,10 +64,7 @@ def build_flow(
         extra_outputs.append(op.filter_map("rule_out", rule_rows, _rule_output))
 
     def builder(resume: bytes | None) -> PartitionProcessor:
-        processor = PartitionProcessor(config, resume)
-        if hook_factory is not None:
-            processor.hook = hook_factory(processor.hook_state)
-        return processor
+        return PartitionProcessor(config, resume, hook_factory)
 
     outputs: Stream[Keyed] = op.stateful_batch("process", keyed, builder)
     if hook_factory is not None:

@@ -13,6 +13,7 @@ import logging
 import pickle
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,6 +46,9 @@ class WindowHook(Protocol):
     def snapshot(self) -> Any: ...
 
 
+HookFactory = Callable[[Any], WindowHook]  # resumed hook state (or None) → hook
+
+
 @dataclass(frozen=True)
 class ProcessorConfig:
     window_seconds: int = 10
@@ -64,18 +68,17 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         self,
         config: ProcessorConfig,
         resume: bytes | None,
-        hook: WindowHook | None = None,
+        hook_factory: HookFactory | None = None,
         metrics: PipelineMetrics = METRICS,
         run_id: str = RUN_ID,
     ) -> None:
         self.partition = -1  # Bytewax does not tell a builder its key: learnt from the items
         self.config = config
-        self.hook = hook
         self.metrics = metrics
         self.run_id = run_id
         horizon_ms = config.dedup_horizon_seconds * 1000
+        hook_state: Any = None
         if resume is None:
-            self.hook_state: Any = None
             self.watermark = Watermark(config.allowed_lateness_seconds * 1000)
             self.dedup = Deduplicator(horizon_ms, config.dedup_max_ids)
             self.windows: dict[int, dict[tuple[str, str], WindowAcc]] = {}
@@ -84,8 +87,10 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             self.watermark = state["watermark"]
             self.dedup = Deduplicator.restore(state["dedup"], horizon_ms, config.dedup_max_ids)
             self.windows = state["windows"]
-            self.hook_state = state["hook"]
+            hook_state = state["hook"]
             self.partition = state["partition"]
+        # The hook (alerting) resumes from its own part of the snapshot.
+        self.hook = hook_factory(hook_state) if hook_factory is not None else None
 
     # -- bytewax ---------------------------------------------------------------------------
 
