@@ -36,7 +36,7 @@ class PartitionOutput(NamedTuple):
     """Everything one step produced, shipped to the sink as one item."""
 
     partition: int
-    event_rows: list[bytes]  # JSONEachRow lines for usage_events_ingest (rows.event_json)
+    event_rows: list[tuple[Any, ...]]  # usage_events_rows (pipeline.rows.EVENT_ROW_COLUMNS)
     stats: list[Any]  # schemas.stats.StatsRecord
     dead_letters: list[DeadLetter]
     alerts: list[Any]  # schemas.alerts.Alert

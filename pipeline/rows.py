@@ -11,20 +11,27 @@ from schemas.events import UsageEvent
 
 _encode = msgspec.json.Encoder().encode
 
+# A `usage_events_rows` row: the validated event's fields in declaration order
+# (msgspec.structs.astuple) followed by these. The processor builds it inline, as
+# `astuple(event) + (ts_ms, late, partition, offset, ingested_ms)`, once per event.
+EVENT_ROW_COLUMNS = (
+    *(field.name for field in msgspec.structs.fields(UsageEvent)),
+    "ts_ms",
+    "late",
+    "kafka_partition",
+    "kafka_offset",
+    "ingested_ms",
+)
 
-def event_json(
-    event: UsageEvent, ts_ms: int, late: bool, partition: int, offset: int, ingested_ms: int
-) -> bytes:
-    """One line for `usage_events_ingest` (JSONEachRow): the event re-encoded with its known
-    fields only, plus `__kp` = [ts_ms, late, partition, offset, ingested_ms]."""
-    return b'%b,"__kp":[%d,%d,%d,%d,%d]}' % (
-        _encode(event)[:-1],
-        ts_ms,
-        late,
-        partition,
-        offset,
-        ingested_ms,
-    )
+
+def encode_rows(rows: list[tuple[Any, ...]]) -> bytes:
+    """JSONCompactEachRow text for `usage_events_rows`, in one encoder call for the batch.
+
+    The batch encodes as one JSON array; without its brackets it is rows separated by
+    commas, which the format accepts. Canonical JSON from validated fields: ClickHouse reads
+    exactly the values the windows counted.
+    """
+    return _encode(rows)[1:-1]
 
 
 RULE_COLUMNS = (

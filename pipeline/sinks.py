@@ -29,15 +29,14 @@ from infra import topics
 from keypulse.kafka import produce
 from pipeline.items import DeadLetter, PartitionOutput
 from pipeline.metrics import METRICS, PipelineMetrics
-from pipeline.rows import (
-    RULE_COLUMNS,
-)
+from pipeline.rows import RULE_COLUMNS, encode_rows
 
 logger = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
-# `ts` is sent as the event had it (string or number) and read from `__kp` instead.
 _JSON_SETTINGS = {"input_format_skip_unknown_fields": 1, "date_time_input_format": "best_effort"}
+# Event rows: `ts` as sent may be a number (kept as text), and null means empty for String.
+_ROW_SETTINGS = {"input_format_json_read_numbers_as_strings": 1, "input_format_null_as_default": 1}
 
 
 class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
@@ -50,7 +49,7 @@ class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
         *,
         writers: int = 1,
         local_writers: list[int] | None = None,
-        max_rows: int = 10_000,
+        max_rows: int = 100_000,
         max_age_s: float = 1.0,
         metrics: PipelineMetrics = METRICS,
     ) -> None:
@@ -89,13 +88,13 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         self.sink = sink
         self.client = sink.client_factory()
         self.producer = Producer(sink.producer_config)
-        self.rows: list[bytes] = []
+        self.rows: list[tuple[Any, ...]] = []
         self.first_buffered = 0.0
         self.alerts: list[Any] = []
         self.notifications: list[Any] = []
         self.alerts_buffered = 0.0
         db = sink.database
-        self.events_table = f"{db}.usage_events_ingest"
+        self.events_table = f"{db}.usage_events_rows"
         self.stats_table = f"{db}.usage_stats"
         self.alerts_table = f"{db}.alerts"
         self.notifications_table = f"{db}.notifications"
@@ -178,10 +177,9 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
     def _insert(self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...]) -> None:
         self.client.insert(table, rows, column_names=columns)
 
-    def _insert_events(self, rows: list[bytes]) -> None:
+    def _insert_events(self, rows: list[tuple[Any, ...]]) -> None:
         started = time.perf_counter()
-        self.client.raw_insert(self.events_table, None, b"\n".join(rows), fmt="JSONEachRow",
-                               settings=_JSON_SETTINGS)
+        insert_event_rows(self.client, self.events_table, rows)
         self.sink.metrics.record_insert(len(rows), 0, time.perf_counter() - started)
 
     def _write_stats(self, stats: list[Any]) -> None:
@@ -246,6 +244,12 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         headers: list[tuple[str, str | bytes | None]] | None = None,
     ) -> None:
         produce(self.producer, topic, value, key, headers=headers)
+
+
+def insert_event_rows(client: Client, table: str, rows: list[tuple[Any, ...]]) -> None:
+    """Rows built by the processor (pipeline.rows.EVENT_ROW_COLUMNS) → `usage_events_rows`."""
+    client.raw_insert(table, None, encode_rows(rows), fmt="JSONCompactEachRow",
+                      settings=_ROW_SETTINGS)
 
 
 def dead_letter_headers(

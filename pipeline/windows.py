@@ -20,6 +20,7 @@ from array import array
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.events import UsageEvent
 from schemas.stats import StatsRecord
 
 NEG_INF = -(2**62)
@@ -84,30 +85,25 @@ class WindowAcc:
         self.cost_usd = 0.0
         self.latencies = array("d")
 
-    def add(
-        self,
-        status: int,
-        latency: float,
-        tokens_in: int | None,
-        tokens_out: int | None,
-        cost: float | None,
-    ) -> None:
+    def add(self, event: UsageEvent) -> None:
+        status = event.status_code
         if status < 400:
             self.successes += 1
         elif status < 500:
             self.client_errors += 1
         else:
             self.server_errors += 1
+        latency = event.latency_ms
         self.latencies.append(latency)
         self.latency_sum += latency
         if latency > self.latency_max:
             self.latency_max = latency
-        if tokens_in:
-            self.tokens_in += tokens_in
-        if tokens_out:
-            self.tokens_out += tokens_out
-        if cost:
-            self.cost_usd += cost
+        if event.tokens_in:
+            self.tokens_in += event.tokens_in
+        if event.tokens_out:
+            self.tokens_out += event.tokens_out
+        if event.cost_usd:
+            self.cost_usd += event.cost_usd
 
     def __getstate__(self) -> tuple[object, ...]:  # snapshots pickle thousands of these
         return (self.client_errors, self.cost_usd, self.latencies, self.latency_max,

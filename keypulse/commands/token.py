@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from keypulse.auth import mint_token
 from keypulse.settings import Settings
 
 
@@ -17,5 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from keypulse.auth import mint_token  # PyJWT and cryptography load only when used
+
     print(mint_token(settings, args.user, roles=tuple(args.roles), ttl_seconds=args.ttl))
     return 0

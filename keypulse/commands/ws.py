@@ -9,10 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import uvicorn
-
 from keypulse.settings import Settings
-from ws_bridge import UVICORN_WS_OPTIONS, create_bridge
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn  # imported by the command that serves, not by every `keypulse` start
+
+    from ws_bridge import UVICORN_WS_OPTIONS, create_bridge
+
     # The Kafka thread and the event loop share the GIL: while the loop writes a broadcast
     # to 10,000 sockets, the default 5 ms switch interval is what a freshly fetched
     # per-user message waits, several times per batch. 1 ms keeps that wait small.

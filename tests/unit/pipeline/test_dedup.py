@@ -32,6 +32,7 @@ def test_memory_is_capped_oldest_first() -> None:
     for minute in range(5):
         for i in range(40):
             dedup.seen("u1", f"{minute}-{i}", T + minute * BUCKET_MS)
+        dedup.expire()  # once per poll batch in the processor
     assert len(dedup) <= 100
     assert dedup.evicted_early == 200 - len(dedup)
     assert dedup.seen("u1", "4-0", T + 4 * BUCKET_MS)  # the newest ids are kept

@@ -10,6 +10,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from pipeline.flow import build_flow
 from pipeline.items import PartitionOutput, SourceBatch
 from pipeline.processor import PartitionProcessor, ProcessorConfig
+from pipeline.rows import EVENT_ROW_COLUMNS, encode_rows
 
 T = 1_700_000_000_000  # a window boundary
 CONFIG = ProcessorConfig(window_seconds=10, allowed_lateness_seconds=5)
@@ -67,11 +68,11 @@ def stats_of(outputs: list[PartitionOutput]) -> dict[tuple[str, str, int], Any]:
     }
 
 
-def parse_row(line: bytes) -> tuple[str, int, bool, int, int]:
-    """(event_id, ts_ms, late, partition, offset) of a usage_events_ingest line."""
-    row = json.loads(line)
-    ts_ms, late, partition, offset, _ingested = row["__kp"]
-    return row["event_id"], ts_ms, bool(late), partition, offset
+def parse_row(row: tuple[Any, ...]) -> tuple[str, int, bool, int, int]:
+    """(event_id, ts_ms, late, partition, offset) of a usage_events_rows row."""
+    named = dict(zip(EVENT_ROW_COLUMNS, row, strict=True))
+    return (named["event_id"], named["ts_ms"], named["late"], named["kafka_partition"],
+            named["kafka_offset"])
 
 
 def rows_of(outputs: list[PartitionOutput]) -> list[tuple[str, int, bool, int, int]]:
@@ -208,12 +209,21 @@ def test_resume_from_snapshot_reproduces_the_same_outputs() -> None:
     assert "e5" not in [parse_row(r)[0] for r in replayed.event_rows]
 
 
-def test_rows_carry_only_known_fields_and_the_pipeline_columns() -> None:
-    raw = json.loads(event("a", T + 5))
-    raw |= {"unknown": {"deep": [1, 2]}, "__kp": [0, 0, 0, 0, 0], "method": "post"}
-    (line,) = run([batch([json.dumps(raw).encode(), event("b", T + 30_000)], wall=0,
-                         first_offset=7)])[0].event_rows[:1]
-    row = json.loads(line)
-    assert "unknown" not in row
-    assert row["__kp"][:4] == [T + 5, 0, 0, 7]  # a client's own "__kp" never reaches ClickHouse
-    assert row["method"] == "post"  # upper-cased by the ingest view
+def test_rows_carry_the_validated_fields_and_the_pipeline_columns() -> None:
+    raw = json.loads(event("a", "2023-11-14T22:13:20.005Z"))
+    raw |= {"unknown": {"deep": [1, 2]}, "ts_ms": 1, "late": True, "method": "post"}
+    (row,) = run([batch([json.dumps(raw).encode(), event("b", T + 30_000)], wall=0,
+                        first_offset=7)])[0].event_rows[:1]
+    named = dict(zip(EVENT_ROW_COLUMNS, row, strict=True))
+    assert "unknown" not in named
+    # A client's own "ts_ms" or "late" is an unknown field: the row's are the pipeline's.
+    assert (named["ts_ms"], named["late"], named["kafka_partition"], named["kafka_offset"]) == (
+        T + 5, False, 0, 7)
+    assert named["method"] == "post"  # upper-cased by the ingest view
+    assert (named["event_id"], named["latency_ms"], named["tokens_in"]) == ("a", 10.0, None)
+
+
+def test_encoded_rows_are_json_compact_each_row() -> None:
+    rows = run([batch([event("a", T + 5), event("b", T + 30_000)], wall=0)])[0].event_rows
+    text = bytes(encode_rows(rows))
+    assert json.loads(b"[" + text + b"]") == [list(r) for r in rows]

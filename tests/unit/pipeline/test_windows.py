@@ -9,6 +9,19 @@ import random
 import pytest
 
 from pipeline.windows import NEG_INF, Watermark, WindowAcc, close_window, nearest_rank, window_start
+from schemas.events import UsageEvent
+
+
+def call(
+    status: int,
+    latency: float,
+    tokens_in: int | None = None,
+    tokens_out: int | None = None,
+    cost: float | None = None,
+) -> UsageEvent:
+    return UsageEvent(event_id="e", ts=0, user_id="u", api_key_id="k", service="openai",
+                      status_code=status, latency_ms=latency, tokens_in=tokens_in,
+                      tokens_out=tokens_out, cost_usd=cost)
 
 
 def reference_quantile(values: list[float], q: float) -> float:
@@ -42,7 +55,7 @@ def test_percentiles_are_exact(kind: str, q: float) -> None:
     values = [abs(v) for v in samples(kind, random.Random(7))]
     acc = WindowAcc()
     for v in values:
-        acc.add(200, v, None, None, None)
+        acc.add(call(200, v))
     stats = close_window("u", "openai", 0, 10_000, acc)
     got = {0.5: stats.latency_p50_ms, 0.95: stats.latency_p95_ms, 0.99: stats.latency_p99_ms}[q]
     assert got == reference_quantile(values, q)  # exact: 0 % error, well inside 1 %
@@ -59,7 +72,7 @@ def test_stats_record_fields() -> None:
         (429, 40.0, None, None, None),
         (500, 50.0, None, None, None),
     ]:
-        acc.add(status, latency, tin, tout, cost)
+        acc.add(call(status, latency, tin, tout, cost))
     stats = close_window("u1", "openai", 1_700_000_000_000, 10_000, acc)
     assert (stats.requests, stats.successes, stats.client_errors, stats.server_errors) == (
         5,
