@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +20,7 @@ from keypulse.settings import Settings
 
 _lock = threading.Lock()
 _shared: dict[str, Client] = {}
+_ready: dict[str, Future[Client]] = {}
 
 
 def connect(dsn: str) -> Client:
@@ -45,6 +47,33 @@ def shared_client(settings: Settings) -> Client:
             client = connect(dsn)
             _shared[dsn] = client
         return client
+
+
+def prepare(settings: Settings, *, migrate: bool = True) -> Future[Client]:
+    """The shared client, opened (and the schema migrated) in a background thread.
+
+    A cold start overlaps this — loading the engine, its first queries, the migrations —
+    with importing and starting the dataflow; whoever writes waits on the future.
+    """
+    with _lock:
+        future = _ready.get(settings.dsn)
+        if future is not None:
+            return future
+        future = _ready[settings.dsn] = Future()
+
+    def work() -> None:
+        try:
+            client = shared_client(settings)
+            if migrate:
+                from infra.clickhouse.migrate import migrate as apply_migrations
+
+                apply_migrations(client, settings)
+            future.set_result(client)
+        except BaseException as exc:  # handed to whoever waits
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="keypulse-clickhouse", daemon=True).start()
+    return future
 
 
 def redact(dsn: str) -> str:

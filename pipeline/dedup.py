@@ -1,34 +1,117 @@
 """Per-user event_id deduplication over a horizon of event time.
 
-Every id is in one set (O(1) lookups) and in a chunk of its bucket: one minute of event
-time, split into chunks of at most `CHUNK` ids. A bucket is dropped when the newest event
-time seen is more than the horizon past the bucket's end, so memory follows event time, not
-wall time. A cap bounds memory under any load: past it the oldest buckets go early
-(`evicted_early` counts the ids that left before their horizon). A snapshot re-pickles only
-the chunks that grew since the previous one, so its cost follows the epoch's new ids, not
-the horizon's.
+Every id is in one set (O(1) lookups) and in the list of its bucket: one minute of event
+time. A bucket is dropped when the newest event time seen is more than the horizon past the
+bucket's end, so memory follows event time, not wall time. A cap bounds memory under any
+load: past it the oldest buckets go early (`evicted_early` counts the ids that left before
+their horizon).
+
+Persistence. Bytewax writes a step's whole state at every snapshot, so a million ids in the
+state would be pickled and written every epoch. Instead each partition appends the ids that
+are new since its last snapshot to a log file (`IdLog`) and the snapshot records only the
+log's generation and length: every id is written once. A resume reads the log up to that
+length and cuts off what a crashed epoch appended after it. When most of a log's ids have
+expired, the next snapshot starts a new generation holding the live ids only. Without a log
+directory (in-memory tests) the ids travel in the snapshot itself.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
+import struct
+from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 BUCKET_MS = 60_000
-CHUNK = 16_384
+_FRAME = struct.Struct("<Q")  # the length of the pickled [(bucket, ids), ...] that follows
+
+
+class IdLog:
+    """The append-only id files of one partition: `p<partition>-<generation>.ids`."""
+
+    def __init__(self, directory: Path, partition: int) -> None:
+        self.directory = directory
+        self.partition = partition
+        self.generation = 0
+        self.length = 0
+        self.ids = 0  # ids written to the current generation (live or expired)
+
+    def path(self, generation: int) -> Path:
+        return self.directory / f"p{self.partition}-{generation:08d}.ids"
+
+    def _generations(self) -> list[int]:
+        prefix = f"p{self.partition}-"
+        return sorted(int(p.stem.removeprefix(prefix)) for p in self.directory.glob(
+            f"{prefix}*.ids") if p.stem.removeprefix(prefix).isdigit())
+
+    def start(self, buckets: dict[int, list[str]]) -> None:
+        """A new generation holding `buckets`; the previous one stays until the next
+        snapshot is taken (the last committed snapshot may still refer to it)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        existing = self._generations()
+        for old in existing:  # a fresh start (generation 0) keeps none of an earlier run's
+            if old < self.generation or self.generation == 0:
+                self.path(old).unlink(missing_ok=True)
+        self.generation = (existing[-1] + 1) if existing else 1
+        self.length = self.ids = 0
+        self.path(self.generation).touch()
+        self.append(list(buckets.items()))
+
+    def append(self, frames: list[tuple[int, list[str]]]) -> None:
+        if not frames:
+            return
+        data = pickle.dumps(frames, protocol=5)
+        with self.path(self.generation).open("r+b") as f:
+            f.seek(self.length)
+            f.write(_FRAME.pack(len(data)))
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())  # on disk before Bytewax commits the snapshot naming it
+        self.length += _FRAME.size + len(data)
+        self.ids += sum(len(ids) for _, ids in frames)
+
+    def load(self, generation: int, length: int) -> list[tuple[int, list[str]]]:
+        """The frames of a snapshot: the file cut to `length`, other generations removed."""
+        self.generation, self.length = generation, length
+        path = self.path(generation)
+        size = path.stat().st_size if path.exists() else 0
+        if size < length:
+            msg = (f"dedup log {path} holds {size} of the {length} bytes the snapshot refers "
+                   "to; the recovery store and the data directory do not match")
+            raise RuntimeError(msg)
+        with path.open("r+b") as f:
+            f.truncate(length)  # what a crashed epoch appended after the snapshot
+            data = f.read(length)
+        for other in self._generations():
+            if other != generation:
+                self.path(other).unlink(missing_ok=True)
+        frames: list[tuple[int, list[str]]] = []
+        offset = 0
+        while offset < length:
+            (size,) = _FRAME.unpack_from(data, offset)
+            offset += _FRAME.size
+            frames.extend(pickle.loads(data[offset : offset + size]))
+            offset += size
+        self.ids = sum(len(ids) for _, ids in frames)
+        return frames
 
 
 class Deduplicator:
-    __slots__ = ("_all", "_blobs", "_buckets", "_pickled", "cap", "evicted_early", "horizon_ms",
+    __slots__ = ("_all", "_buckets", "_logged", "cap", "evicted_early", "horizon_ms", "log",
                  "max_ts_ms")
 
-    def __init__(self, horizon_ms: int, cap: int) -> None:
+    def __init__(self, horizon_ms: int, cap: int, log: IdLog | None = None) -> None:
         self.horizon_ms = horizon_ms
         self.cap = cap
+        self.log = log
         self._all: set[str] = set()
-        self._buckets: dict[int, list[list[str]]] = {}
-        self._blobs: dict[tuple[int, int], bytes] = {}
-        self._pickled: dict[tuple[int, int], int] = {}  # chunk → its length when pickled
+        self._buckets: dict[int, list[str]] = {}
+        self._logged: dict[int, int] = {}  # bucket → how many of its ids the log holds
         self.max_ts_ms = 0
         self.evicted_early = 0
 
@@ -40,31 +123,25 @@ class Deduplicator:
         key = f"{user_id}\x1f{event_id}"
         if key in self._all:
             return True
-        chunks = self._buckets.get(ts_ms - ts_ms % BUCKET_MS)
-        if chunks is None or len(chunks[-1]) >= CHUNK:
-            chunks = self._open_chunk(ts_ms)
-            if chunks is None:
+        ids = self._buckets.get(ts_ms - ts_ms % BUCKET_MS)
+        if ids is None:
+            ids = self._open_bucket(ts_ms)
+            if ids is None:
                 return False
-        chunks[-1].append(key)
+        ids.append(key)
         self._all.add(key)
         if ts_ms > self.max_ts_ms:  # not max(): a call per event on the hot path
             self.max_ts_ms = ts_ms
         return False
 
-    def _open_chunk(self, ts_ms: int) -> list[list[str]] | None:
-        """The bucket of `ts_ms` with room in its last chunk; None when ids are not kept."""
-        if self.horizon_ms <= 0:
-            return None
+    def _open_bucket(self, ts_ms: int) -> list[str] | None:
+        """The new bucket of `ts_ms`; None when its ids are not kept."""
         bucket = ts_ms - ts_ms % BUCKET_MS
-        chunks = self._buckets.get(bucket)
-        if chunks is None:
-            if bucket + BUCKET_MS + self.horizon_ms < self.max_ts_ms:
-                return None  # older than the horizon: nothing left to compare it with
-            chunks = self._buckets[bucket] = [[]]
-        else:  # the full chunk never changes again: pickle it once, now
-            self._pickle(bucket, len(chunks) - 1, chunks[-1])
-            chunks.append([])
-        return chunks
+        if self.horizon_ms <= 0 or bucket + BUCKET_MS + self.horizon_ms < self.max_ts_ms:
+            return None  # disabled, or older than the horizon: nothing to compare it with
+        ids: list[str] = []
+        self._buckets[bucket] = ids
+        return ids
 
     def expire(self) -> None:
         """Drop buckets whose end is more than the horizon behind the newest event time, then
@@ -81,39 +158,51 @@ class Deduplicator:
     def _evict_oldest(self) -> None:
         while len(self._all) > self.cap and len(self._buckets) > 1:
             oldest = min(self._buckets)
-            self.evicted_early += sum(len(ids) for ids in self._buckets[oldest])
+            self.evicted_early += len(self._buckets[oldest])
             self._drop(oldest)
 
     def _drop(self, bucket: int) -> None:
-        for index, ids in enumerate(self._buckets.pop(bucket)):
-            self._all.difference_update(ids)
-            self._blobs.pop((bucket, index), None)
-            self._pickled.pop((bucket, index), None)
-
-    def _pickle(self, bucket: int, index: int, ids: list[str]) -> None:
-        if self._pickled.get((bucket, index)) != len(ids):
-            self._blobs[(bucket, index)] = pickle.dumps(ids, protocol=5)
-            self._pickled[(bucket, index)] = len(ids)
+        self._all.difference_update(self._buckets.pop(bucket))
+        self._logged.pop(bucket, None)
 
     # -- recovery ------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        for bucket, chunks in self._buckets.items():  # only the last chunk can have grown
-            self._pickle(bucket, len(chunks) - 1, chunks[-1])
-        return {"blobs": dict(self._blobs), "max_ts_ms": self.max_ts_ms,
-                "evicted_early": self.evicted_early}
+        state: dict[str, Any] = {"max_ts_ms": self.max_ts_ms,
+                                 "evicted_early": self.evicted_early}
+        if self.log is None:
+            state["buckets"] = {b: list(ids) for b, ids in self._buckets.items()}
+            return state
+        if self.log.generation == 0 or self.log.ids > 2 * len(self._all) + 100_000:
+            self.log.start(self._buckets)  # a new generation: the live ids only
+        else:
+            self.log.append([(b, ids[self._logged.get(b, 0):]) for b, ids in
+                             self._buckets.items() if len(ids) > self._logged.get(b, 0)])
+        self._logged = {b: len(ids) for b, ids in self._buckets.items()}
+        state["log"] = (self.log.generation, self.log.length)
+        return state
 
     @classmethod
-    def restore(cls, state: dict[str, Any], horizon_ms: int, cap: int) -> Deduplicator:
-        dedup = cls(horizon_ms, cap)
-        dedup._blobs = dict(state["blobs"])
-        for bucket, index in sorted(dedup._blobs):
-            ids = pickle.loads(dedup._blobs[(bucket, index)])
-            chunks = dedup._buckets.setdefault(bucket, [])
-            assert len(chunks) == index
-            chunks.append(ids)
+    def restore(
+        cls, state: dict[str, Any], horizon_ms: int, cap: int, log: IdLog | None = None
+    ) -> Deduplicator:
+        dedup = cls(horizon_ms, cap, log)
+        if "buckets" in state:
+            frames = list(state["buckets"].items())
+        elif "blobs" in state:  # written by keypulse 0.1, which pickled chunks of ids
+            frames = [(bucket, pickle.loads(blob))
+                      for (bucket, _index), blob in sorted(state["blobs"].items())]
+        elif log is not None:
+            frames = log.load(*state["log"])
+        else:
+            msg = "this snapshot keeps its dedup ids in a log file: give the processor its log"
+            raise RuntimeError(msg)
+        for bucket, ids in frames:
+            dedup._buckets.setdefault(bucket, []).extend(ids)
             dedup._all.update(ids)
-            dedup._pickled[(bucket, index)] = len(ids)
+        if log is not None and log.generation:
+            dedup._logged = {b: len(ids) for b, ids in dedup._buckets.items()}
         dedup.max_ts_ms = state["max_ts_ms"]
+        dedup.expire()  # a log may hold buckets that had expired (or been evicted) since
         dedup.evicted_early = state["evicted_early"]
         return dedup

@@ -32,11 +32,19 @@ class RuleUpdates(NamedTuple):
     changes: list[Any]  # pipeline.alerting.rules.RuleChange
 
 
+class EventRows(NamedTuple):
+    """Rows for `usage_events_rows`, encoded once per poll batch (pipeline.rows.encode_rows):
+    bytes weigh less than the tuples while they wait for their insert."""
+
+    rows: int  # how many
+    data: bytes  # JSONCompactEachRow, rows separated by commas
+
+
 class PartitionOutput(NamedTuple):
     """Everything one step produced, shipped to the sink as one item."""
 
     partition: int
-    event_rows: list[tuple[Any, ...]]  # usage_events_rows (pipeline.rows.EVENT_ROW_COLUMNS)
+    event_rows: list[EventRows]
     stats: list[Any]  # schemas.stats.StatsRecord
     dead_letters: list[DeadLetter]
     alerts: list[Any]  # schemas.alerts.Alert

@@ -86,8 +86,11 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         self.partition = partition
         self.next_offset = OFFSET_BEGINNING if resume_offset is None else resume_offset
         config = dict(source.consumer_config)
-        config.setdefault("queued.max.messages.kbytes", 8192)  # prefetch per partition: RSS
-        config.setdefault("max.partition.fetch.bytes", 4 << 20)  # fewer round trips (1 MB)
+        # Prefetch at most 8 MB per partition (RSS), and fetch again 5 ms after the queue
+        # drops under that: librdkafka's default waits 1 s (fetch.queue.backoff.ms), which
+        # starved a partition whose queue filled and capped reading at ~140k events/s.
+        config.setdefault("queued.max.messages.kbytes", 8192)
+        config.setdefault("fetch.queue.backoff.ms", 5)
         self.consumer = Consumer(config)
         self.tp = TopicPartition(source.topic, partition, self.next_offset)
         self.consumer.assign([self.tp])

@@ -15,14 +15,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from bytewax.operators import StatefulBatchLogic
-from msgspec.structs import astuple
 
-from pipeline.dedup import Deduplicator
-from pipeline.items import DeadLetter, PartitionOutput, RuleUpdates, SourceBatch
+from pipeline.dedup import Deduplicator, IdLog
+from pipeline.items import DeadLetter, EventRows, PartitionOutput, RuleUpdates, SourceBatch
 from pipeline.metrics import METRICS, PipelineMetrics
+from pipeline.rows import encode_rows
 from pipeline.windows import Watermark, WindowAcc, close_window
 from schemas.events import InvalidEvent, decode_event
 from schemas.stats import StatsRecord
@@ -55,6 +56,7 @@ class ProcessorConfig:
     allowed_lateness_seconds: int = 5
     dedup_horizon_seconds: int = 3600
     dedup_max_ids: int = 2_000_000
+    dedup_dir: Path | None = None  # the id logs (pipeline.dedup.IdLog); None: in the snapshot
 
     @property
     def window_ms(self) -> int:
@@ -85,7 +87,8 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         else:
             state = pickle.loads(resume)
             self.watermark = state["watermark"]
-            self.dedup = Deduplicator.restore(state["dedup"], horizon_ms, config.dedup_max_ids)
+            self.dedup = Deduplicator.restore(state["dedup"], horizon_ms, config.dedup_max_ids,
+                                              self._id_log(state["partition"]))
             self.windows = state["windows"]
             hook_state = state["hook"]
             self.partition = state["partition"]
@@ -108,6 +111,8 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         return [out], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
+        if self.dedup.log is None:
+            self.dedup.log = self._id_log(self.partition)
         state = {
             "partition": self.partition,
             "watermark": self.watermark,
@@ -116,6 +121,11 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             "hook": self.hook.snapshot() if self.hook is not None else None,
         }
         return pickle.dumps(state, protocol=5)
+
+    def _id_log(self, partition: int) -> IdLog | None:
+        if self.config.dedup_dir is None or partition < 0:
+            return None
+        return IdLog(self.config.dedup_dir, partition)
 
     # -- work --------------------------------------------------------------------------------
 
@@ -126,12 +136,11 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             return
         # The per-event loop is the dataflow's hot path: names are bound locally, the
         # watermark is tracked in locals (written back once per batch), and each event's
-        # row is a plain tuple (pipeline.rows.EVENT_ROW_COLUMNS), encoded per insert. Tuple
-        # concatenation builds it faster than unpacking into a display (RUF005).
+        # row is a plain tuple (pipeline.rows.EVENT_ROW_COLUMNS), encoded once per batch.
         window_ms = self.config.window_ms
         windows = self.windows
         seen = self.dedup.seen
-        rows = out.event_rows
+        rows: list[tuple[Any, ...]] = []
         append_row = rows.append
         partition = batch.partition
         ingested_ms = int(time.time() * 1000)
@@ -157,7 +166,7 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             start = ts_ms - ts_ms % window_ms
             if start + window_ms <= mark:
                 late += 1
-                append_row(astuple(event) + (ts_ms, True, partition, offset, ingested_ms))  # noqa: RUF005
+                append_row((ts_ms, True, partition, offset, ingested_ms, event))
                 continue
             accs = windows.get(start)
             if accs is None:
@@ -170,9 +179,11 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
                 max_event_ms = ts_ms
                 if ts_ms - lateness_ms > mark:
                     mark = ts_ms - lateness_ms
-            append_row(astuple(event) + (ts_ms, False, partition, offset, ingested_ms))  # noqa: RUF005
+            append_row((ts_ms, False, partition, offset, ingested_ms, event))
         watermark.value = mark
         watermark.max_event_ms = max_event_ms
+        if rows:
+            out.event_rows.append(EventRows(len(rows), encode_rows(rows)))
         self.dedup.expire()
         metrics = self.metrics
         metrics.events_in += len(batch.records)

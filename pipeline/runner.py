@@ -24,8 +24,7 @@ from bytewax.errors import BytewaxRuntimeError
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
 from infra import topics
-from infra.clickhouse.migrate import migrate
-from keypulse.clickhouse import shared_client
+from keypulse.clickhouse import prepare
 from keypulse.errors import ServiceError
 from keypulse.kafka import consumer_config, producer_config
 from keypulse.settings import Settings
@@ -44,6 +43,7 @@ def processor_config(settings: Settings) -> ProcessorConfig:
         allowed_lateness_seconds=settings.allowed_lateness_seconds,
         dedup_horizon_seconds=settings.dedup_horizon_seconds,
         dedup_max_ids=settings.dedup_max_ids,
+        dedup_dir=settings.data_dir / "dedup",
     )
 
 
@@ -60,7 +60,7 @@ def kafka_flow(
         consumer, rules_topic, partitions=list_partitions(consumer, rules_topic)
     )
     sink = OutputSink(
-        client_factory=lambda: shared_client(settings),
+        client_factory=lambda: prepare(settings, migrate=process_id == 0).result(),
         producer_config=producer_config(settings),
         topic_name=settings.topic,
         database=settings.clickhouse_database,
@@ -108,8 +108,9 @@ def run_pipeline(
     from bytewax._bytewax import cli_main
 
     processes = len(addresses) if addresses else 1
-    if not process_id:
-        migrate(shared_client(settings), settings)
+    writes = not process_id or not settings.embedded  # embedded: process 0 alone opens it
+    # Opening and migrating ClickHouse overlaps the dataflow's start; the writer waits for it.
+    clickhouse = prepare(settings, migrate=not process_id) if writes else None
     flow = kafka_flow(settings, processes=processes, process_id=process_id or 0, alerts=alerts)
     recovery = recovery_config(settings, max(processes, 1), create=not process_id)
     if handle_signals:
@@ -135,6 +136,9 @@ def run_pipeline(
             recovery_config=recovery,
         )
     except BytewaxRuntimeError as exc:
+        failed = clickhouse.exception() if clickhouse is not None and clickhouse.done() else None
+        if failed is not None:  # say what was wrong with ClickHouse, not where it surfaced
+            raise failed from None
         if "signal received" not in str(exc):
             raise
     logger.info("pipeline stopped; the next start resumes where it stopped")

@@ -29,7 +29,7 @@ from infra import topics
 from keypulse.kafka import produce
 from pipeline.items import DeadLetter, PartitionOutput
 from pipeline.metrics import METRICS, PipelineMetrics
-from pipeline.rows import RULE_COLUMNS, encode_rows
+from pipeline.rows import RULE_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
         *,
         writers: int = 1,
         local_writers: list[int] | None = None,
-        max_rows: int = 100_000,
+        max_rows: int = 50_000,
         max_age_s: float = 1.0,
         metrics: PipelineMetrics = METRICS,
     ) -> None:
@@ -86,9 +86,10 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
 
     def __init__(self, sink: OutputSink) -> None:
         self.sink = sink
-        self.client = sink.client_factory()
+        self.client: Client  # opened by the writer thread: ClickHouse may still be migrating
         self.producer = Producer(sink.producer_config)
-        self.rows: list[tuple[Any, ...]] = []
+        self.chunks: list[bytes] = []  # encoded event rows (EventRows.data)
+        self.buffered_rows = 0
         self.first_buffered = 0.0
         self.alerts: list[Any] = []
         self.notifications: list[Any] = []
@@ -104,7 +105,7 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         self.topic_dlq = sink.topic_name(topics.USAGE_EVENTS_DLQ)
         self.topic_alerts = sink.topic_name(topics.USAGE_ALERTS)
         self.topic_notifications = sink.topic_name(topics.NOTIFICATIONS)
-        self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=4)
+        self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=3)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="keypulse-writer", daemon=True)
         self.thread.start()
@@ -117,10 +118,11 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         rule_rows: list[tuple[Any, ...]] = []
         for out in values:
             rule_rows.extend(out.rule_rows)
-            if out.event_rows:
-                if not self.rows:
+            for chunk in out.event_rows:
+                if not self.chunks:
                     self.first_buffered = time.monotonic()
-                self.rows.extend(out.event_rows)
+                self.chunks.append(chunk.data)
+                self.buffered_rows += chunk.rows
             stats.extend(out.stats)
             alerts.extend(out.alerts)
             notifications.extend(out.notifications)
@@ -128,8 +130,8 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
                 headers = dead_letter_headers(dead, self.source_topic)
                 self._produce(self.topic_dlq, dead.key, dead.value, headers)
         if (
-            len(self.rows) >= self.sink.max_rows
-            or (self.rows and time.monotonic() - self.first_buffered >= self.sink.max_age_s)
+            self.buffered_rows >= self.sink.max_rows
+            or (self.chunks and time.monotonic() - self.first_buffered >= self.sink.max_age_s)
             or stats  # the events of closing windows go first
         ):
             self._submit_rows()
@@ -161,6 +163,10 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
     # -- writing (in the writer thread) -----------------------------------------------------
 
     def _work(self) -> None:
+        try:
+            self.client = self.sink.client_factory()
+        except BaseException as exc:  # surfaced in the dataflow's thread
+            self.error = exc
         while True:
             job = self.jobs.get()
             try:
@@ -177,10 +183,10 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
     def _insert(self, table: str, rows: list[tuple[Any, ...]], columns: tuple[str, ...]) -> None:
         self.client.insert(table, rows, column_names=columns)
 
-    def _insert_events(self, rows: list[tuple[Any, ...]]) -> None:
+    def _insert_events(self, data: bytes, count: int) -> None:
         started = time.perf_counter()
-        insert_event_rows(self.client, self.events_table, rows)
-        self.sink.metrics.record_insert(len(rows), 0, time.perf_counter() - started)
+        insert_event_rows(self.client, self.events_table, data)
+        self.sink.metrics.record_insert(count, 0, time.perf_counter() - started)
 
     def _write_stats(self, stats: list[Any]) -> None:
         started = time.perf_counter()
@@ -210,9 +216,10 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
     # -- in the dataflow's thread -------------------------------------------------------------
 
     def _submit_rows(self) -> None:
-        if self.rows:
-            rows, self.rows = self.rows, []
-            self.jobs.put(lambda: self._insert_events(rows))
+        if self.chunks:
+            data, count = b",".join(self.chunks), self.buffered_rows
+            self.chunks, self.buffered_rows = [], 0
+            self.jobs.put(lambda: self._insert_events(data, count))
 
     def _submit_alerts(self) -> None:
         """Alerts are rare but come in bursts: batched up to `max_age_s`, like event rows."""
@@ -246,10 +253,9 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         produce(self.producer, topic, value, key, headers=headers)
 
 
-def insert_event_rows(client: Client, table: str, rows: list[tuple[Any, ...]]) -> None:
-    """Rows built by the processor (pipeline.rows.EVENT_ROW_COLUMNS) → `usage_events_rows`."""
-    client.raw_insert(table, None, encode_rows(rows), fmt="JSONCompactEachRow",
-                      settings=_ROW_SETTINGS)
+def insert_event_rows(client: Client, table: str, data: bytes) -> None:
+    """Encoded event rows (pipeline.rows.encode_rows, comma-joined) → `usage_events_rows`."""
+    client.raw_insert(table, None, data, fmt="JSONCompactEachRow", settings=_ROW_SETTINGS)
 
 
 def dead_letter_headers(

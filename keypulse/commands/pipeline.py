@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.processes <= 1 and not args.process_id:
+        from keypulse.clickhouse import prepare
+
+        prepare(settings)  # opens and migrates ClickHouse while the dataflow loads
     from pipeline.runner import run_pipeline, spawn_local_cluster
 
     if args.addresses:

@@ -68,15 +68,20 @@ def stats_of(outputs: list[PartitionOutput]) -> dict[tuple[str, str, int], Any]:
     }
 
 
-def parse_row(row: tuple[Any, ...]) -> tuple[str, int, bool, int, int]:
+def rows_in(out: PartitionOutput) -> list[list[Any]]:
+    """The decoded usage_events_rows rows of one output."""
+    return [row for chunk in out.event_rows for row in json.loads(b"[" + chunk.data + b"]")]
+
+
+def parse_row(row: list[Any]) -> tuple[str, int, bool, int, int]:
     """(event_id, ts_ms, late, partition, offset) of a usage_events_rows row."""
     named = dict(zip(EVENT_ROW_COLUMNS, row, strict=True))
-    return (named["event_id"], named["ts_ms"], named["late"], named["kafka_partition"],
+    return (named["event"]["event_id"], named["ts_ms"], named["late"], named["kafka_partition"],
             named["kafka_offset"])
 
 
 def rows_of(outputs: list[PartitionOutput]) -> list[tuple[str, int, bool, int, int]]:
-    return [parse_row(r) for o in outputs for r in o.event_rows]
+    return [parse_row(r) for o in outputs for r in rows_in(o)]
 
 
 def test_out_of_order_within_lateness_is_counted_in_its_window() -> None:
@@ -204,26 +209,28 @@ def test_resume_from_snapshot_reproduces_the_same_outputs() -> None:
     resumed = PartitionProcessor(CONFIG, snapshot, run_id="r2")
     replayed = process(resumed, second, 40)
     assert replayed.stats == expected.stats
-    assert [parse_row(r) for r in replayed.event_rows] == [
-        parse_row(r) for r in expected.event_rows]
-    assert "e5" not in [parse_row(r)[0] for r in replayed.event_rows]
+    assert [parse_row(r) for r in rows_in(replayed)] == [
+        parse_row(r) for r in rows_in(expected)]
+    assert "e5" not in [parse_row(r)[0] for r in rows_in(replayed)]
 
 
 def test_rows_carry_the_validated_fields_and_the_pipeline_columns() -> None:
     raw = json.loads(event("a", "2023-11-14T22:13:20.005Z"))
     raw |= {"unknown": {"deep": [1, 2]}, "ts_ms": 1, "late": True, "method": "post"}
-    (row,) = run([batch([json.dumps(raw).encode(), event("b", T + 30_000)], wall=0,
-                        first_offset=7)])[0].event_rows[:1]
+    out = run([batch([json.dumps(raw).encode(), event("b", T + 30_000)], wall=0,
+                     first_offset=7)])[0]
+    assert [chunk.rows for chunk in out.event_rows] == [2]  # one chunk per poll batch
+    row = rows_in(out)[0]
     named = dict(zip(EVENT_ROW_COLUMNS, row, strict=True))
-    assert "unknown" not in named
+    fields = named["event"]
+    assert "unknown" not in fields and "ts_ms" not in fields and "late" not in fields
     # A client's own "ts_ms" or "late" is an unknown field: the row's are the pipeline's.
     assert (named["ts_ms"], named["late"], named["kafka_partition"], named["kafka_offset"]) == (
         T + 5, False, 0, 7)
-    assert named["method"] == "post"  # upper-cased by the ingest view
-    assert (named["event_id"], named["latency_ms"], named["tokens_in"]) == ("a", 10.0, None)
+    assert fields["method"] == "post"  # upper-cased by the ingest view
+    assert (fields["event_id"], fields["latency_ms"], fields["tokens_in"]) == ("a", 10.0, None)
 
 
 def test_encoded_rows_are_json_compact_each_row() -> None:
-    rows = run([batch([event("a", T + 5), event("b", T + 30_000)], wall=0)])[0].event_rows
-    text = bytes(encode_rows(rows))
-    assert json.loads(b"[" + text + b"]") == [list(r) for r in rows]
+    rows = [("a", 1, None, 2.5, True), ("b\n", 2, "x", 0.0, False)]
+    assert json.loads(b"[" + encode_rows(rows) + b"]") == [list(r) for r in rows]
