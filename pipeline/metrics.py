@@ -24,7 +24,7 @@ class PipelineMetrics:
     dead_lettered: int = 0
     duplicates: int = 0
     late: int = 0
-    misrouted: int = 0
+    misrouted: int = 0  # windows whose first event was keyed by something other than user_id
     windows_closed: int = 0
     event_rows_written: int = 0
     stats_rows_written: int = 0

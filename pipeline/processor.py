@@ -23,8 +23,8 @@ from bytewax.operators import StatefulBatchLogic
 from pipeline.dedup import Deduplicator, IdLog
 from pipeline.items import DeadLetter, EventRows, PartitionOutput, RuleUpdates, SourceBatch
 from pipeline.metrics import METRICS, PipelineMetrics
-from pipeline.rows import encode_rows
-from pipeline.windows import Watermark, WindowAcc, close_window
+from pipeline.rows import encode_row
+from pipeline.windows import Watermark, WindowAcc, close_window, window_bounds
 from schemas.events import InvalidEvent, decode_event
 from schemas.stats import StatsRecord
 
@@ -136,11 +136,11 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             return
         # The per-event loop is the dataflow's hot path: names are bound locally, the
         # watermark is tracked in locals (written back once per batch), and each event's
-        # row is a plain tuple (pipeline.rows.EVENT_ROW_COLUMNS), encoded once per batch.
+        # row (pipeline.rows.EVENT_ROW_COLUMNS) is encoded at once, while the event is hot.
         window_ms = self.config.window_ms
         windows = self.windows
         seen = self.dedup.seen
-        rows: list[tuple[Any, ...]] = []
+        rows: list[bytes] = []  # encoded (pipeline.rows.encode_row)
         append_row = rows.append
         partition = batch.partition
         ingested_ms = int(time.time() * 1000)
@@ -161,12 +161,10 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             if seen(user_id, event.event_id, ts_ms):
                 duplicates += 1
                 continue
-            if key is not None and key != user_id.encode():
-                misrouted += 1
             start = ts_ms - ts_ms % window_ms
             if start + window_ms <= mark:
                 late += 1
-                append_row((ts_ms, True, partition, offset, ingested_ms, event))
+                append_row(encode_row((ts_ms, True, partition, offset, ingested_ms, event)))
                 continue
             accs = windows.get(start)
             if accs is None:
@@ -174,16 +172,18 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             acc = accs.get((user_id, event.service))
             if acc is None:
                 acc = accs[(user_id, event.service)] = WindowAcc()
+                if key is not None and key != user_id.encode():  # checked once per window
+                    misrouted += 1
             acc.add(event)
             if ts_ms > max_event_ms:
                 max_event_ms = ts_ms
                 if ts_ms - lateness_ms > mark:
                     mark = ts_ms - lateness_ms
-            append_row((ts_ms, False, partition, offset, ingested_ms, event))
+            append_row(encode_row((ts_ms, False, partition, offset, ingested_ms, event)))
         watermark.value = mark
         watermark.max_event_ms = max_event_ms
         if rows:
-            out.event_rows.append(EventRows(len(rows), encode_rows(rows)))
+            out.event_rows.append(EventRows(len(rows), b",".join(rows)))
         self.dedup.expire()
         metrics = self.metrics
         metrics.events_in += len(batch.records)
@@ -205,8 +205,9 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         window_ms = self.config.window_ms
         ready = sorted(start for start in self.windows if start + window_ms <= watermark)
         for start in ready:
+            bounds = window_bounds(start, window_ms)
             for (user_id, service), acc in sorted(self.windows.pop(start).items()):
-                out.stats.append(close_window(user_id, service, start, window_ms, acc))
+                out.stats.append(close_window(user_id, service, start, window_ms, acc, bounds))
         self.metrics.windows_closed += len(out.stats)
         self.metrics.watermark_ms[self.partition] = watermark
         self.metrics.max_event_ms[self.partition] = self.watermark.max_event_ms

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 
 from schemas.alerts import AlertRule
 
-_encode = msgspec.json.Encoder().encode
-
-# A `usage_events_rows` row. The event is a msgspec struct, encoded as a JSON object that
-# ClickHouse reads into the named tuple `event`: building this 6-tuple is the only per-event
-# work the row costs the dataflow's thread besides one encoder call per poll batch.
+# A `usage_events_rows` row: (ts_ms, late, kafka_partition, kafka_offset, ingested_ms, event).
+# The event is the validated msgspec struct, encoded as a JSON object that ClickHouse reads
+# into the named tuple `event`: re-encoded from its fields (unique, plain keys; unknown fields
+# dropped), so ClickHouse stores exactly what the windows counted, whatever form the SDK sent.
 EVENT_ROW_COLUMNS = ("ts_ms", "late", "kafka_partition", "kafka_offset", "ingested_ms", "event")
 
+# One row → one JSON array. The processor encodes each row as it goes, while the event is
+# still in the CPU's cache (at the end of a 5,000-event batch it no longer is).
+encode_row = msgspec.json.Encoder().encode
 
-def encode_rows(rows: list[tuple[Any, ...]]) -> bytes:
-    """JSONCompactEachRow text for `usage_events_rows`, in one encoder call for the batch.
 
-    The batch encodes as one JSON array; without its brackets it is rows separated by
-    commas, which the format accepts. Events are re-encoded from their validated fields
-    (unique, plain keys; unknown fields dropped): ClickHouse reads exactly what the windows
-    counted, whatever form the SDK sent.
-    """
-    return _encode(rows)[1:-1]
+def encode_rows(rows: Iterable[tuple[Any, ...]]) -> bytes:
+    """JSONCompactEachRow text: encoded rows separated by commas, which the format accepts."""
+    return b",".join(map(encode_row, rows))
 
 
 RULE_COLUMNS = (

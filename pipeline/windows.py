@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_left
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,44 +61,24 @@ class Watermark:
 
 
 class WindowAcc:
-    """Running totals of one (user_id, service, window)."""
+    """What one (user_id, service, window) has seen so far.
 
-    __slots__ = (
-        "client_errors",
-        "cost_usd",
-        "latencies",
-        "latency_max",
-        "latency_sum",
-        "server_errors",
-        "successes",
-        "tokens_in",
-        "tokens_out",
-    )
+    Adding an event is two appends (and the token and cost sums when present): everything
+    else is computed once, at close, from the arrays (sorting them in C).
+    """
+
+    __slots__ = ("cost_usd", "latencies", "statuses", "tokens_in", "tokens_out")
 
     def __init__(self) -> None:
-        self.successes = 0
-        self.client_errors = 0
-        self.server_errors = 0
-        self.latency_sum = 0.0
-        self.latency_max = 0.0
+        self.latencies = array("d")
+        self.statuses = array("H")
         self.tokens_in = 0
         self.tokens_out = 0
         self.cost_usd = 0.0
-        self.latencies = array("d")
 
     def add(self, event: UsageEvent) -> None:
-        status = event.status_code
-        if status < 400:
-            self.successes += 1
-        elif status < 500:
-            self.client_errors += 1
-        else:
-            self.server_errors += 1
-        latency = event.latency_ms
-        self.latencies.append(latency)
-        self.latency_sum += latency
-        if latency > self.latency_max:
-            self.latency_max = latency
+        self.latencies.append(event.latency_ms)
+        self.statuses.append(event.status_code)
         if event.tokens_in:
             self.tokens_in += event.tokens_in
         if event.tokens_out:
@@ -106,13 +87,15 @@ class WindowAcc:
             self.cost_usd += event.cost_usd
 
     def __getstate__(self) -> tuple[object, ...]:  # snapshots pickle thousands of these
-        return (self.client_errors, self.cost_usd, self.latencies, self.latency_max,
-                self.latency_sum, self.server_errors, self.successes, self.tokens_in,
-                self.tokens_out)
+        return (self.cost_usd, self.latencies, self.statuses, self.tokens_in, self.tokens_out)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        (self.client_errors, self.cost_usd, self.latencies, self.latency_max,
-         self.latency_sum, self.server_errors, self.successes, self.tokens_in,
+        if len(state) == 9:  # keypulse 0.1 kept counts: statuses that count the same
+            (client, self.cost_usd, self.latencies, _max, _sum, server, ok, self.tokens_in,
+             self.tokens_out) = state
+            self.statuses = array("H", [200] * ok + [400] * client + [500] * server)
+            return
+        (self.cost_usd, self.latencies, self.statuses, self.tokens_in,
          self.tokens_out) = state
 
 
@@ -127,30 +110,47 @@ def window_start(ts_ms: int, window_ms: int) -> int:
 
 
 def close_window(
-    user_id: str, service: str, start_ms: int, window_ms: int, acc: WindowAcc
+    user_id: str,
+    service: str,
+    start_ms: int,
+    window_ms: int,
+    acc: WindowAcc,
+    bounds: tuple[datetime, datetime] | None = None,
 ) -> StatsRecord:
+    """The stats record of a closed window. `bounds` are its start and end as datetimes (the
+    caller closing many windows of one start computes them once)."""
     requests = len(acc.latencies)
     ordered = sorted(acc.latencies)
-    errors = acc.client_errors + acc.server_errors
+    statuses = sorted(acc.statuses)
+    successes = bisect_left(statuses, 400)
+    server_errors = requests - bisect_left(statuses, 500)
+    client_errors = requests - successes - server_errors
+    if bounds is None:
+        bounds = window_bounds(start_ms, window_ms)
     return StatsRecord(
         user_id=user_id,
         service=service,
-        window_start=datetime.fromtimestamp(start_ms / 1000, tz=UTC),
-        window_end=datetime.fromtimestamp((start_ms + window_ms) / 1000, tz=UTC),
+        window_start=bounds[0],
+        window_end=bounds[1],
         window_seconds=window_ms // 1000,
         requests=requests,
-        successes=acc.successes,
-        client_errors=acc.client_errors,
-        server_errors=acc.server_errors,
-        success_rate=acc.successes / requests,
-        error_rate=errors / requests,
-        server_error_rate=acc.server_errors / requests,
-        latency_avg_ms=acc.latency_sum / requests,
+        successes=successes,
+        client_errors=client_errors,
+        server_errors=server_errors,
+        success_rate=successes / requests,
+        error_rate=(client_errors + server_errors) / requests,
+        server_error_rate=server_errors / requests,
+        latency_avg_ms=sum(acc.latencies) / requests,  # in arrival order, as a running sum
         latency_p50_ms=nearest_rank(ordered, 0.50),
         latency_p95_ms=nearest_rank(ordered, 0.95),
         latency_p99_ms=nearest_rank(ordered, 0.99),
-        latency_max_ms=acc.latency_max,
+        latency_max_ms=ordered[-1],
         tokens_in=acc.tokens_in,
         tokens_out=acc.tokens_out,
         cost_usd=round(acc.cost_usd, 9),
     )
+
+
+def window_bounds(start_ms: int, window_ms: int) -> tuple[datetime, datetime]:
+    return (datetime.fromtimestamp(start_ms / 1000, tz=UTC),
+            datetime.fromtimestamp((start_ms + window_ms) / 1000, tz=UTC))

@@ -139,3 +139,12 @@ def test_watermark_ignores_downtime_across_a_resume() -> None:
     assert restored.value == 95_000  # the backlog after a restart is not "late"
     restored.observe_wall(3_601_000, caught_up=True, run_id="after-restart")
     assert restored.value == 96_000
+
+
+def test_accumulators_from_keypulse_0_1_snapshots_close_the_same() -> None:
+    acc = WindowAcc()
+    for status, latency in [(200, 10.0), (404, 30.0), (503, 20.0), (201, 5.0)]:
+        acc.add(call(status, latency, 2, 3, 0.5))
+    old = WindowAcc.__new__(WindowAcc)  # the 0.1 layout: counts and running sums
+    old.__setstate__((1, 2.0, acc.latencies, 30.0, 65.0, 1, 2, 8, 12))
+    assert close_window("u", "s", 0, 10_000, old) == close_window("u", "s", 0, 10_000, acc)
