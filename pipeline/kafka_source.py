@@ -13,10 +13,17 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from keypulse.clock import Clock, system_clock
 from keypulse.errors import ServiceError
@@ -109,17 +116,10 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
             raise StopIteration
         messages = self.consumer.consume(self.source.batch_size, timeout=0)
         now_ms = int(self._clock() * 1000)
-        records: list[tuple[int, bytes | None, bytes]] = []
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    continue
-                if error.fatal():
-                    raise KafkaException(error)
-                logger.warning("%s[%s]: %s", self.source.topic, self.partition, error)
-                continue
-            records.append((message.offset() or 0, message.key(), message.value() or b""))
+        if any([m.error() is not None for m in messages]):  # rare: errors are not records
+            messages = self._without_errors(messages)
+        records = cast("list[tuple[int, bytes | None, bytes]]",  # offsets of records are set
+                       [(m.offset(), m.key(), m.value() or b"") for m in messages])
         self._wait_ms = 0
         if records:
             self.next_offset = records[-1][0] + 1
@@ -134,6 +134,18 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
                 return []
         self._last_emit_ms = now_ms
         return [SourceBatch(self.partition, records, now_ms, caught_up)]
+
+    def _without_errors(self, messages: list[Message]) -> list[Message]:
+        kept = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                kept.append(message)
+            elif error.fatal():
+                raise KafkaException(error)
+            elif error.code() != KafkaError._PARTITION_EOF:
+                logger.warning("%s[%s]: %s", self.source.topic, self.partition, error)
+        return kept
 
     def _caught_up(self) -> bool:
         try:

@@ -24,7 +24,7 @@ from pipeline.dedup import Deduplicator, IdLog
 from pipeline.items import DeadLetter, EventRows, PartitionOutput, RuleUpdates, SourceBatch
 from pipeline.metrics import METRICS, PipelineMetrics
 from pipeline.rows import encode_row
-from pipeline.windows import Watermark, WindowAcc, close_window, window_bounds
+from pipeline.windows import NEG_INF, Watermark, WindowAcc, close_window, window_bounds
 from schemas.events import InvalidEvent, decode_event
 from schemas.stats import StatsRecord
 
@@ -148,6 +148,8 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         mark = watermark.value
         max_event_ms = watermark.max_event_ms
         dead = duplicates = late = misrouted = 0
+        accs_start = NEG_INF
+        accs: dict[tuple[str, str], WindowAcc] = {}
         for offset, key, value in batch.records:
             try:
                 event = decode_event(value)
@@ -166,9 +168,11 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
                 late += 1
                 append_row(encode_row((ts_ms, True, partition, offset, ingested_ms, event)))
                 continue
-            accs = windows.get(start)
-            if accs is None:
-                accs = windows[start] = {}
+            if start != accs_start:  # events come roughly in time order: mostly the same
+                found = windows.get(start)
+                if found is None:
+                    found = windows[start] = {}
+                accs, accs_start = found, start
             acc = accs.get((user_id, event.service))
             if acc is None:
                 acc = accs[(user_id, event.service)] = WindowAcc()
