@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bytewax.operators import StatefulBatchLogic
+from msgspec.structs import astuple
 
 from pipeline.dedup import Deduplicator, IdLog
 from pipeline.items import DeadLetter, EventRows, PartitionOutput, RuleUpdates, SourceBatch
@@ -137,6 +138,7 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         # The per-event loop is the dataflow's hot path: names are bound locally, the
         # watermark is tracked in locals (written back once per batch), and each event's
         # row (pipeline.rows.EVENT_ROW_COLUMNS) is encoded at once, while the event is hot.
+        # Tuple concatenation builds the row faster than unpacking into a display (RUF005).
         window_ms = self.config.window_ms
         windows = self.windows
         seen = self.dedup.seen
@@ -166,7 +168,8 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             start = ts_ms - ts_ms % window_ms
             if start + window_ms <= mark:
                 late += 1
-                append_row(encode_row((ts_ms, True, partition, offset, ingested_ms, event)))
+                row = astuple(event) + (ts_ms, True, partition, offset, ingested_ms)  # noqa: RUF005
+                append_row(encode_row(row))
                 continue
             if start != accs_start:  # events come roughly in time order: mostly the same
                 found = windows.get(start)
@@ -183,7 +186,8 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
                 max_event_ms = ts_ms
                 if ts_ms - lateness_ms > mark:
                     mark = ts_ms - lateness_ms
-            append_row(encode_row((ts_ms, False, partition, offset, ingested_ms, event)))
+            row = astuple(event) + (ts_ms, False, partition, offset, ingested_ms)  # noqa: RUF005
+            append_row(encode_row(row))
         watermark.value = mark
         watermark.max_event_ms = max_event_ms
         if rows:
