@@ -33,11 +33,10 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from infra import topics
 from infra.kafka import launcher
-from keypulse.kafka import consumer_config, producer_config
+from keypulse.kafka import PREFETCH_SETTINGS, consumer_config, producer_config
 from keypulse.kafka import produce as kafka_produce
 from keypulse.settings import Settings, load
 from keypulse.traffic import TrafficGenerator
-from pipeline.kafka_source import FETCH_SETTINGS
 from schemas.alerts import AlertRule, Metric, Op
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,7 +336,7 @@ def main() -> None:
         print(f"run {attempt + 1}/{args.repeat}: producing…", file=sys.stderr)
         plain = setup_topics()
         ceilings.append(bare_consumer(plain, len(messages) + len(closers)))
-        tuned.append(bare_consumer(plain, len(messages) + len(closers), **FETCH_SETTINGS))
+        tuned.append(bare_consumer(plain, len(messages) + len(closers), **PREFETCH_SETTINGS))
         print("  cold run without alerts…", file=sys.stderr)
         plain_runs.append(cold_run(plain, len(windows), len(messages),
                                    (*cluster, "--no-alerts")))
@@ -357,8 +356,8 @@ def main() -> None:
     print()
     print(f"events                         {n:,} ({len(pairs):,} keys, {len(windows):,} windows)")
     print(f"bare consumer (I/O ceiling)    {ceiling:,.0f} events/s (confluent-kafka defaults)")
-    print(f"  with the pipeline's fetch    {n / tuned_s:,.0f} events/s (pipeline.kafka_source."
-          f"FETCH_SETTINGS: the defaults wait 1 s whenever the prefetch queue is full)")
+    print(f"  with the pipeline's fetch    {n / tuned_s:,.0f} events/s (keypulse.kafka."
+          f"PREFETCH_SETTINGS: the defaults wait 1 s whenever the prefetch queue is full)")
     print(f"pipeline end to end            {plain_rate:,.0f} events/s "
           f"(cold start to last window in ClickHouse, {plain_s:.1f} s)")
     print(f"ratio to the ceiling           {plain_rate / ceiling:.3f} "

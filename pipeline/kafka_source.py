@@ -27,14 +27,11 @@ from confluent_kafka import (
 
 from keypulse.clock import Clock, system_clock
 from keypulse.errors import ServiceError
+from keypulse.kafka import PREFETCH_SETTINGS
 from pipeline.items import SourceBatch
 
 logger = logging.getLogger(__name__)
 
-# Prefetch at most 8 MB per partition (RSS), and fetch again 5 ms after the queue drops
-# under that: librdkafka's default waits 1 s (fetch.queue.backoff.ms) once a queue has filled,
-# which starved the partitions and capped reading at about 140k events/s on a 2-core machine.
-FETCH_SETTINGS: dict[str, Any] = {"queued.max.messages.kbytes": 8192, "fetch.queue.backoff.ms": 5}
 IDLE_POLL_MS = 20  # how often a caught-up partition looks for new records
 STOP = threading.Event()  # set by the runner's SIGINT/SIGTERM handler: partitions end cleanly
 
@@ -97,7 +94,7 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         self.partition = partition
         self.next_offset = OFFSET_BEGINNING if resume_offset is None else resume_offset
         config = dict(source.consumer_config)
-        for name, value in FETCH_SETTINGS.items():
+        for name, value in PREFETCH_SETTINGS.items():
             config.setdefault(name, value)
         self.consumer = Consumer(config)
         self.tp = TopicPartition(source.topic, partition, self.next_offset)
