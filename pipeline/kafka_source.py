@@ -61,7 +61,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
         topic: str,
         *,
         batch_size: int = 5000,
-        tick_ms: int = 200,
+        tick_ms: int = 100,
         clock: Clock = system_clock,
         partitions: list[int] | None = None,
         stop: threading.Event = STOP,

@@ -59,7 +59,7 @@ class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
         writers: int = 1,
         local_writers: list[int] | None = None,
         max_rows: int = 50_000,
-        max_age_s: float = 1.0,
+        max_age_s: float = 0.5,
         metrics: PipelineMetrics = METRICS,
     ) -> None:
         self.client_factory = client_factory
