@@ -27,23 +27,31 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the command named in `argv` is imported (all of them when None).
+
+    A command's module imports what it needs (Bytewax, the web stack, ClickHouse...), so
+    loading one command's options keeps the others' imports off its cold start.
+    """
     parser = argparse.ArgumentParser(
         prog="keypulse", description="Real-time usage analytics for managed API keys."
     )
     parser.add_argument("--version", action="version", version=f"keypulse {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    named = None if argv is None else next((a for a in argv if a in COMMANDS), "")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"keypulse.commands.{name}")
         command = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command)
-        command.set_defaults(_module=module)
+        if named is None or name == named:
+            module = importlib.import_module(f"keypulse.commands.{name}")
+            module.add_arguments(command)
+            command.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         from keypulse.settings import get_settings
 

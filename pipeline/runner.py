@@ -100,7 +100,7 @@ def run_pipeline(
     *,
     process_id: int | None = None,
     addresses: list[str] | None = None,
-    epoch_seconds: float = 5.0,
+    epoch_seconds: float = 10.0,
     alerts: bool = True,
     handle_signals: bool = True,
 ) -> None:
@@ -195,7 +195,7 @@ def _stop_on_signals() -> None:
 class EmbeddedPipeline:
     """The dataflow in a thread of a process that serves other things (`keypulse run`)."""
 
-    def __init__(self, settings: Settings, *, epoch_seconds: float = 5.0) -> None:
+    def __init__(self, settings: Settings, *, epoch_seconds: float = 10.0) -> None:
         self.settings = settings
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(epoch_seconds,),

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epoch-seconds",
         type=float,
-        default=5.0,
-        help="snapshot interval: at most this much is replayed after a crash",
+        default=10.0,
+        help="snapshot interval (Bytewax's default): at most this much is replayed after a crash",
     )
     parser.add_argument(
         "--no-alerts",

@@ -15,7 +15,7 @@ from keypulse.settings import Settings
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="interface to bind (default: KEYPULSE_HOST)")
     parser.add_argument("--port", type=int, default=None, help="port (default: KEYPULSE_PORT)")
-    parser.add_argument("--epoch-seconds", type=float, default=5.0,
+    parser.add_argument("--epoch-seconds", type=float, default=10.0,
                         help="pipeline snapshot interval")
 
 

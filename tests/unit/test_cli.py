@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from keypulse.cli import COMMANDS, main
@@ -26,3 +29,11 @@ def test_servers_take_host_and_port(command: str, flag: str,
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert flag in capsys.readouterr().out
+
+
+def test_only_the_invoked_command_is_imported() -> None:
+    code = ("import sys; from keypulse.cli import build_parser; build_parser(['pipeline']); "
+            "print(sorted(m for m in sys.modules if m.startswith('keypulse.commands.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "['keypulse.commands.pipeline']"
