@@ -29,7 +29,13 @@ from typing import Any
 
 import msgspec
 import psutil
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_CREATE_TIME,
+    Consumer,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from infra import topics
 from infra.kafka import launcher
@@ -126,7 +132,12 @@ class StatsWatcher:
                 continue  # the closers' own windows close later, with idle time
             key = (stats["user_id"], stats["service"], stats["window_start"])
             if key not in self.seen:
-                self.seen[key] = time.time()
+                # When the row became queryable: the sink publishes a stats message only after
+                # its ClickHouse insert returned, so the message's create time is that moment
+                # (this process's own polling and parsing would add their delay otherwise).
+                kind, created_ms = message.timestamp()
+                self.seen[key] = (created_ms / 1000 if kind == TIMESTAMP_CREATE_TIME
+                                  else time.time())
                 self.requests += stats["requests"]
 
     def close(self) -> None:

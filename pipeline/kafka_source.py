@@ -33,6 +33,9 @@ from pipeline.items import SourceBatch
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 20  # how often a caught-up partition looks for new records
+# After a poll that emptied a live partition's queue: every batch costs the dataflow a fixed
+# amount, and polling again at once would hand it batches of a handful of events.
+LIVE_POLL_MS = 10
 STOP = threading.Event()  # set by the runner's SIGINT/SIGTERM handler: partitions end cleanly
 
 
@@ -122,6 +125,8 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         if records:
             self.next_offset = records[-1][0] + 1
             caught_up = self._caught_up()
+            if caught_up:  # live traffic: gather a few ms of it per batch, not a few events
+                self._wait_ms = LIVE_POLL_MS
         else:
             caught_up = self._caught_up()
             if not caught_up:  # a backlog whose next fetch is on its way: look again soon
