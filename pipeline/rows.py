@@ -70,5 +70,5 @@ def rule_row(rule: AlertRule, deleted: bool, updated_ms: int) -> tuple[Any, ...]
         rule.enabled,
         rule.version,
         int(deleted),
-        updated_ms,
+        updated_ms / 1000,  # seconds: how ClickHouse reads a JSON number as DateTime64
     )

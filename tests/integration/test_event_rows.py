@@ -84,3 +84,23 @@ def test_ingest_table_columns_follow_the_row_layout(settings: Settings, tmp_path
             parameters={"db": settings.clickhouse_database},
         ).result_rows]
     assert tuple(names) == EVENT_ROW_COLUMNS  # positional: UsageEvent's field order, then ours
+
+
+def test_rule_rows_land_with_their_millisecond_times(settings: Settings, tmp_path: Path) -> None:
+    from pipeline.rows import RULE_COLUMNS, rule_row
+    from schemas.alerts import AlertRule, Metric, Op
+
+    rules = [AlertRule(rule_id=f"r{i}", user_id="u1", name="errors", metric=Metric.ERROR_RATE,
+                       op=Op.GT, threshold=0.25, service=None, version=3) for i in (1, 2)]
+    rows = [rule_row(rules[0], deleted=False, updated_ms=NOW + 123),
+            rule_row(rules[1], deleted=True, updated_ms=NOW + 456)]
+    with embedded(tmp_path / "ch") as client:
+        migrate(client, settings)
+        db = settings.clickhouse_database
+        client.raw_insert(f"{db}.alert_rules", RULE_COLUMNS, encode_rows(rows),
+                          fmt="JSONCompactEachRow")
+        got = client.query(f"SELECT rule_id, threshold, service, is_deleted, "
+                           f"toUnixTimestamp64Milli(updated_at) FROM {db}.alert_rules "
+                           "ORDER BY updated_at").result_rows
+    assert [tuple(r) for r in got] == [("r1", 0.25, None, 0, NOW + 123),
+                                       ("r2", 0.25, None, 1, NOW + 456)]
