@@ -124,17 +124,16 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         self._wait_ms = 0
         if records:
             self.next_offset = records[-1][0] + 1
-            caught_up = self._caught_up()
-            if caught_up:  # live traffic: gather a few ms of it per batch, not a few events
-                self._wait_ms = LIVE_POLL_MS
-        else:
-            caught_up = self._caught_up()
+        caught_up = self._caught_up()
+        if not records:
             if not caught_up:  # a backlog whose next fetch is on its way: look again soon
                 self._wait_ms = 1
                 return []
             self._wait_ms = IDLE_POLL_MS
             if now_ms - self._last_emit_ms < self.source.tick_ms:
                 return []
+        elif caught_up:  # live traffic: gather a few ms of it per batch, not a few events
+            self._wait_ms = LIVE_POLL_MS
         self._last_emit_ms = now_ms
         return [SourceBatch(self.partition, records, now_ms, caught_up)]
 

@@ -39,6 +39,7 @@ class Watermark:
         self.run_id = ""
 
     def observe_event(self, ts_ms: int) -> None:
+        # PartitionProcessor._process applies this same rule inline, in locals (hot path).
         if ts_ms > self.max_event_ms:
             self.max_event_ms = ts_ms
             candidate = ts_ms - self.lateness_ms

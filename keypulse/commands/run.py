@@ -23,9 +23,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from api import create_app
-    from infra.clickhouse.migrate import migrate
     from infra.kafka.launcher import is_up
-    from keypulse.clickhouse import redact, shared_client
+    from keypulse.clickhouse import prepare, redact
     from pipeline.runner import EmbeddedPipeline
     from ws_bridge import UVICORN_WS_OPTIONS, create_bridge
 
@@ -33,7 +32,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         msg = (f"Kafka does not answer at {settings.kafka_bootstrap}; "
                "start it with `keypulse kafka start`")
         raise ServiceError(msg)
-    migrate(shared_client(settings), settings)
+    prepare(settings).result()  # opened and migrated once; the pipeline reuses it
     pipeline = EmbeddedPipeline(settings, epoch_seconds=args.epoch_seconds)
     bridge = create_bridge(settings)
 
