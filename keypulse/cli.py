@@ -51,6 +51,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # chDB imports pyarrow (a dependency it installs) for its Arrow APIs alone; keypulse
+    # never calls them, and the import cost each process 0.1 s of start-up and 70 MB.
+    sys.modules.setdefault("pyarrow", None)  # type: ignore[arg-type]  # blocks the import
     args = build_parser(argv).parse_args(argv)
     try:
         from keypulse.settings import get_settings

@@ -101,6 +101,11 @@ class IdLog:
         return frames
 
 
+def id_key(user_id: str, event_id: str) -> str:
+    """What the set holds: ids are unique per user, joined by 0x1F (unit separator)."""
+    return f"{user_id}\x1f{event_id}"
+
+
 class Deduplicator:
     __slots__ = ("_all", "_buckets", "_logged", "cap", "evicted_early", "horizon_ms", "log",
                  "max_ts_ms")
@@ -118,21 +123,31 @@ class Deduplicator:
     def __len__(self) -> int:
         return len(self._all)
 
+    @property
+    def ids(self) -> set[str]:
+        """Every kept id (`id_key`); the processor's hot loop applies `seen` inline."""
+        return self._all
+
     def seen(self, user_id: str, event_id: str, ts_ms: int) -> bool:
         """True if this (user, event_id) was seen within the horizon; records it otherwise."""
-        key = f"{user_id}\x1f{event_id}"
+        key = id_key(user_id, event_id)
         if key in self._all:
             return True
+        ids = self.bucket(ts_ms)
+        if ids is None:
+            return False
+        ids.append(key)
+        self._all.add(key)
+        if ts_ms > self.max_ts_ms:
+            self.max_ts_ms = ts_ms
+        return False
+
+    def bucket(self, ts_ms: int) -> list[str] | None:
+        """The ids of `ts_ms`'s bucket, opened if new; None when ids that old are not kept."""
         ids = self._buckets.get(ts_ms - ts_ms % BUCKET_MS)
         if ids is None:
             ids = self._open_bucket(ts_ms)
-            if ids is None:
-                return False
-        ids.append(key)
-        self._all.add(key)
-        if ts_ms > self.max_ts_ms:  # not max(): a call per event on the hot path
-            self.max_ts_ms = ts_ms
-        return False
+        return ids
 
     def _open_bucket(self, ts_ms: int) -> list[str] | None:
         """The new bucket of `ts_ms`; None when its ids are not kept."""

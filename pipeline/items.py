@@ -33,11 +33,15 @@ class RuleUpdates(NamedTuple):
 
 
 class EventRows(NamedTuple):
-    """Rows for `usage_events_rows`, encoded once per poll batch (pipeline.rows.encode_rows):
-    bytes weigh less than the tuples while they wait for their insert."""
+    """Rows for `usage_events_rows`, encoded as the poll batch is processed
+    (pipeline.rows.encode_row_into): bytes weigh less than the tuples while they wait for
+    their insert."""
 
     rows: int  # how many
-    data: bytes  # JSONCompactEachRow, rows separated by commas
+    data: bytes  # JSONCompactEachRow, one row per line
+    # The earliest window start (epoch ms) among the rows counted in a window (late rows
+    # aside): a stats row must not reach ClickHouse before the events of its window.
+    first_window_ms: int
 
 
 class PartitionOutput(NamedTuple):

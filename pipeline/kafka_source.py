@@ -100,6 +100,8 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         for name, value in PREFETCH_SETTINGS.items():
             config.setdefault(name, value)
         self.consumer = Consumer(config)
+        if self.next_offset == OFFSET_BEGINNING:
+            self.next_offset = self._first_offset(source.topic, partition)
         self.tp = TopicPartition(source.topic, partition, self.next_offset)
         self.consumer.assign([self.tp])
         self._clock: Callable[[], float] = source.clock
@@ -137,6 +139,17 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         self._last_emit_ms = now_ms
         return [SourceBatch(self.partition, records, now_ms, caught_up)]
 
+    def _first_offset(self, topic: str, partition: int) -> int:
+        """The partition's first offset. Assigned "from the beginning", librdkafka looks it
+        up only after a 500 ms timer at start; a start from its number fetches at once. An
+        offset deleted meanwhile by retention is reset to the earliest (auto.offset.reset)."""
+        try:
+            low, _high = self.consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=5)
+        except KafkaException:
+            return OFFSET_BEGINNING  # the broker is not up yet: librdkafka retries
+        return int(low)
+
     def _without_errors(self, messages: list[Message]) -> list[Message]:
         kept = []
         for message in messages:
@@ -150,11 +163,13 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         return kept
 
     def _caught_up(self) -> bool:
+        # Fetch responses carry the partition's end offset: until the first one arrives the
+        # partition counts as behind (asking the broker blocked start-up 60 ms a partition).
         try:
             low, high = self.consumer.get_watermark_offsets(self.tp, cached=True)
-            if high < 0:
-                low, high = self.consumer.get_watermark_offsets(self.tp, timeout=2)
         except KafkaException:
+            return False
+        if high < 0:
             return False
         return bool(self.next_offset >= high if self.next_offset >= 0 else high <= low)
 

@@ -21,11 +21,11 @@ from typing import Any, Protocol
 from bytewax.operators import StatefulBatchLogic
 from msgspec.structs import astuple
 
-from pipeline.dedup import Deduplicator, IdLog
+from pipeline.dedup import BUCKET_MS, Deduplicator, IdLog
 from pipeline.items import DeadLetter, EventRows, PartitionOutput, RuleUpdates, SourceBatch
 from pipeline.metrics import METRICS, PipelineMetrics
-from pipeline.rows import encode_row
-from pipeline.windows import NEG_INF, Watermark, WindowAcc, close_window, window_bounds
+from pipeline.rows import encode_row_into
+from pipeline.windows import NEG_INF, NO_WINDOW, Watermark, WindowAcc, close_window, window_bounds
 from schemas.events import InvalidEvent, decode_event
 from schemas.stats import StatsRecord
 
@@ -136,21 +136,27 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         if not batch.records:
             return
         # The per-event loop is the dataflow's hot path: names are bound locally, the
-        # watermark is tracked in locals (written back once per batch), and each event's
-        # row (pipeline.rows.EVENT_ROW_COLUMNS) is encoded at once, while the event is hot.
-        # Tuple concatenation builds the row faster than unpacking into a display (RUF005).
+        # watermark and the dedup rule (Deduplicator.seen) are applied inline, in locals
+        # written back once per batch, and each event's row (pipeline.rows.EVENT_ROW_COLUMNS)
+        # is appended to the batch's buffer at once, while the event is hot. Tuple
+        # concatenation builds the row faster than unpacking into a display (RUF005).
         window_ms = self.config.window_ms
         windows = self.windows
-        seen = self.dedup.seen
-        rows: list[bytes] = []  # encoded (pipeline.rows.encode_row)
-        append_row = rows.append
+        dedup = self.dedup
+        seen_ids = dedup.ids
+        keep_id = seen_ids.add
+        id_bucket, bucket_ids = NEG_INF, None
+        dedup_max_ms = dedup.max_ts_ms
+        buffer = bytearray()
+        encode_into = encode_row_into
+        end_row = buffer.append
         partition = batch.partition
         ingested_ms = int(time.time() * 1000)
         lateness_ms = watermark.lateness_ms
         mark = watermark.value
         max_event_ms = watermark.max_event_ms
         dead = duplicates = late = misrouted = 0
-        accs_start = NEG_INF
+        accs_start = first_window = NO_WINDOW
         accs: dict[tuple[str, str], WindowAcc] = {}
         for offset, key, value in batch.records:
             try:
@@ -162,20 +168,33 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
             user_id = event.user_id
             ts = event.ts
             ts_ms = ts if type(ts) is int else event.ts_ms
-            if seen(user_id, event.event_id, ts_ms):
+            id_key = f"{user_id}\x1f{event.event_id}"  # pipeline.dedup.id_key
+            if id_key in seen_ids:
                 duplicates += 1
                 continue
+            if ts_ms - ts_ms % BUCKET_MS != id_bucket:
+                dedup.max_ts_ms = dedup_max_ms
+                bucket_ids = dedup.bucket(ts_ms)  # None: older than the horizon
+                id_bucket = ts_ms - ts_ms % BUCKET_MS
+            if bucket_ids is not None:
+                bucket_ids.append(id_key)
+                keep_id(id_key)
+                if ts_ms > dedup_max_ms:
+                    dedup_max_ms = ts_ms
             start = ts_ms - ts_ms % window_ms
             if start + window_ms <= mark:
                 late += 1
-                row = astuple(event) + (ts_ms, True, partition, offset, ingested_ms)  # noqa: RUF005
-                append_row(encode_row(row))
+                encode_into(astuple(event) + (ts_ms, True, partition, offset, ingested_ms),  # noqa: RUF005
+                            buffer, -1)
+                end_row(0x0A)
                 continue
             if start != accs_start:  # events come roughly in time order: mostly the same
                 found = windows.get(start)
                 if found is None:
                     found = windows[start] = {}
                 accs, accs_start = found, start
+                if start < first_window:
+                    first_window = start
             acc = accs.get((user_id, event.service))
             if acc is None:
                 acc = accs[(user_id, event.service)] = WindowAcc()
@@ -186,12 +205,15 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
                 max_event_ms = ts_ms
                 if ts_ms - lateness_ms > mark:
                     mark = ts_ms - lateness_ms
-            row = astuple(event) + (ts_ms, False, partition, offset, ingested_ms)  # noqa: RUF005
-            append_row(encode_row(row))
+            encode_into(astuple(event) + (ts_ms, False, partition, offset, ingested_ms),  # noqa: RUF005
+                        buffer, -1)
+            end_row(0x0A)
         watermark.value = mark
         watermark.max_event_ms = max_event_ms
+        dedup.max_ts_ms = dedup_max_ms
+        rows = len(batch.records) - dead - duplicates
         if rows:
-            out.event_rows.append(EventRows(len(rows), b",".join(rows)))
+            out.event_rows.append(EventRows(rows, bytes(buffer), first_window))
         self.dedup.expire()
         metrics = self.metrics
         metrics.events_in += len(batch.records)

@@ -25,6 +25,7 @@ from schemas.events import UsageEvent
 from schemas.stats import StatsRecord
 
 NEG_INF = -(2**62)
+NO_WINDOW = 2**62  # a window start later than any: "no window" where a minimum is kept
 
 
 class Watermark:

@@ -70,7 +70,7 @@ def stats_of(outputs: list[PartitionOutput]) -> dict[tuple[str, str, int], Any]:
 
 def rows_in(out: PartitionOutput) -> list[list[Any]]:
     """The decoded usage_events_rows rows of one output."""
-    return [row for chunk in out.event_rows for row in json.loads(b"[" + chunk.data + b"]")]
+    return [json.loads(line) for chunk in out.event_rows for line in chunk.data.splitlines()]
 
 
 def parse_row(row: list[Any]) -> tuple[str, int, bool, int, int]:
@@ -232,4 +232,4 @@ def test_rows_carry_the_validated_fields_and_the_pipeline_columns() -> None:
 
 def test_encoded_rows_are_json_compact_each_row() -> None:
     rows = [("a", 1, None, 2.5, True), ("b\n", 2, "x", 0.0, False)]
-    assert json.loads(b"[" + encode_rows(rows) + b"]") == [list(r) for r in rows]
+    assert [json.loads(line) for line in encode_rows(rows).splitlines()] == [list(r) for r in rows]
