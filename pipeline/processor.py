@@ -149,7 +149,7 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         dedup_max_ms = dedup.max_ts_ms
         buffer = bytearray()
         encode_into = encode_row_into
-        end_row = buffer.append
+        end_row = buffer.append  # end_row(0x0A): each row ends with a newline
         partition = batch.partition
         ingested_ms = int(time.time() * 1000)
         lateness_ms = watermark.lateness_ms
@@ -214,7 +214,7 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
         rows = len(batch.records) - dead - duplicates
         if rows:
             out.event_rows.append(EventRows(rows, bytes(buffer), first_window))
-        self.dedup.expire()
+        dedup.expire()
         metrics = self.metrics
         metrics.events_in += len(batch.records)
         metrics.valid += len(batch.records) - dead
