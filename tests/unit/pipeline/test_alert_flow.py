@@ -138,3 +138,20 @@ def test_same_input_same_alerts() -> None:
     first: list[Any] = [o.alerts for o in run(records)]
     second: list[Any] = [o.alerts for o in run(records)]
     assert first == second
+
+
+def test_alerts_follow_their_stats_and_survive_a_snapshot_in_between() -> None:
+    from pipeline.processor import PartitionProcessor
+
+    records = error_burst() + window_events("alice", T + 200_000, 1, 0)
+    processor = PartitionProcessor(CONFIG, None, AlertingHook)
+    batch = SourceBatch(0, [(i, None, r) for i, r in enumerate(records)], 0, False)
+    [closing], _ = processor.on_batch([batch])
+    assert len(closing.stats) == 8 and closing.alerts == []  # the stats leave first
+    # A snapshot taken before the next batch carries the windows still to evaluate.
+    resumed = PartitionProcessor(CONFIG, processor.snapshot(), AlertingHook)
+    [after], _ = resumed.on_eof()
+    [direct], _ = processor.on_batch([])
+    assert alerts_of([after]) == alerts_of([direct])
+    assert [a[1] for a in alerts_of([after]) if a[0] == "default:alice:error_rate"] == [
+        "firing", "resolved"]
