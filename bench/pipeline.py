@@ -245,9 +245,10 @@ def freshness(base: Settings, rate: float, seconds: float, gen: TrafficGenerator
     # The load stands in for SDKs on other machines: generating it live took half a core of
     # this machine's two from the pipeline. Events are generated up front with a placeholder
     # time, and stamped with the time of sending.
-    print(f"  generating {per_tick * int(seconds / tick + 1):,} events…", file=sys.stderr)
+    count = per_tick * int(seconds / tick + 1)
+    print(f"  generating {count:,} events…", file=sys.stderr)
     placeholder = b'"ts":%d' % _PLACEHOLDER_MS
-    pending = iter(list(gen.events(per_tick * int(seconds / tick + 1), _PLACEHOLDER_MS)))
+    pending = iter(list(gen.events(count, _PLACEHOLDER_MS)))
 
     def run_producer() -> None:
         next_at = time.perf_counter()

@@ -27,6 +27,7 @@ from confluent_kafka import Producer
 
 from infra import topics
 from keypulse.kafka import produce
+from pipeline.alerting.metrics import to_ms
 from pipeline.items import DeadLetter, PartitionOutput
 from pipeline.metrics import METRICS, PipelineMetrics
 from pipeline.rows import RULE_COLUMNS, encode_rows
@@ -149,7 +150,7 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         if stats:
             # The events of closing windows go first. Live, the buffer holds the last half
             # second, all of it in later windows: then the stats go ahead of it.
-            if self.buffered_from_ms <= _last_window_ms(stats):
+            if self.buffered_from_ms <= to_ms(max(record.window_start for record in stats)):
                 self._submit_rows()
             self.jobs.put(lambda: self._write_stats(stats))
         if self.buffered_rows >= self.sink.max_rows or (
@@ -273,11 +274,6 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         headers: list[tuple[str, str | bytes | None]] | None = None,
     ) -> None:
         produce(self.producer, topic, value, key, headers=headers)
-
-
-def _last_window_ms(stats: list[Any]) -> int:
-    """The latest window start among stats records, in epoch ms."""
-    return int(max(record.window_start for record in stats).timestamp() * 1000)
 
 
 def insert_event_rows(client: Client, table: str, data: bytes) -> None:
