@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from api.routes import health, system
-from keypulse import __version__
-from keypulse.settings import Settings
+from core import __version__
+from core.settings import Settings
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from keypulse.settings import Settings
+from core.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:

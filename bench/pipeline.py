@@ -39,11 +39,11 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from infra import topics
+from core import topics
+from core.kafka import PREFETCH_SETTINGS, consumer_config, producer_config
+from core.kafka import produce as kafka_produce
+from core.settings import Settings, load
 from infra.kafka import launcher
-from keypulse.kafka import PREFETCH_SETTINGS, consumer_config, producer_config
-from keypulse.kafka import produce as kafka_produce
-from keypulse.settings import Settings, load
 from keypulse.traffic import TrafficGenerator
 from schemas.alerts import AlertRule, Metric, Op
 
@@ -394,7 +394,7 @@ def main() -> None:
     print()
     print(f"events                         {n:,} ({len(pairs):,} keys, {len(windows):,} windows)")
     print(f"bare consumer (I/O ceiling)    {ceiling:,.0f} events/s (confluent-kafka defaults)")
-    print(f"  with the pipeline's fetch    {n / tuned_s:,.0f} events/s (keypulse.kafka."
+    print(f"  with the pipeline's fetch    {n / tuned_s:,.0f} events/s (core.kafka."
           f"PREFETCH_SETTINGS: the defaults wait 1 s whenever the prefetch queue is full)")
     print(f"pipeline end to end            {plain_rate:,.0f} events/s "
           f"(cold start to last window in ClickHouse, {plain_s:.1f} s)")

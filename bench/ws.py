@@ -37,10 +37,10 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from core.auth import mint_token  # noqa: E402
+from core.kafka import consumer_config, producer_config  # noqa: E402
+from core.settings import Settings, load  # noqa: E402
 from infra.kafka import launcher  # noqa: E402
-from keypulse.auth import mint_token  # noqa: E402
-from keypulse.kafka import consumer_config, producer_config  # noqa: E402
-from keypulse.settings import Settings, load  # noqa: E402
 from schemas.notifications import Notification, NotificationType  # noqa: E402
 
 

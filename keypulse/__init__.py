@@ -1,9 +1,7 @@
-"""keypulse: the shared core every part stands on.
+"""keypulse: the top floor. The `keypulse` console script (`keypulse.cli`), its commands
+(`keypulse.commands`) and the traffic generator (`keypulse.traffic`): the only code that
+imports every part (`api`, `pipeline`, `ws_bridge`, `infra`) to wire them together."""
 
-`keypulse.settings` (one validated settings object), `keypulse.clickhouse` and
-`keypulse.kafka` (client factories), `keypulse.clock` (injectable time) and the
-`keypulse.cli` entry point. `pipeline`, `api` and `ws_bridge` import from here and
-from `schemas`, never from each other.
-"""
+from core import __version__
 
-__version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -12,8 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from keypulse import __version__
-from keypulse.errors import KeypulseError
+from core import __version__
+from core.errors import KeypulseError
 
 COMMANDS: dict[str, str] = {
     "kafka": "local single-node Apache Kafka (KRaft): start, stop, status",
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.modules.setdefault("pyarrow", None)  # type: ignore[arg-type]  # blocks the import
     args = build_parser(argv).parse_args(argv)
     try:
-        from keypulse.settings import get_settings
+        from core.settings import get_settings
 
         settings = get_settings()
         logging.basicConfig(

@@ -25,9 +25,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from keypulse.clock import Clock, system_clock
-from keypulse.errors import ServiceError
-from keypulse.kafka import PREFETCH_SETTINGS
+from core.clock import Clock, system_clock
+from core.errors import ServiceError
+from core.kafka import PREFETCH_SETTINGS
 from pipeline.items import SourceBatch
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from keypulse.metrics import register
+from core.metrics import register
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -23,11 +20,11 @@ from bytewax.dataflow import Dataflow
 from bytewax.errors import BytewaxRuntimeError
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
-from infra import topics
-from keypulse.clickhouse import prepare
-from keypulse.errors import ServiceError
-from keypulse.kafka import consumer_config, producer_config
-from keypulse.settings import Settings
+from core import topics
+from core.clickhouse import Migrator, prepare
+from core.errors import ServiceError
+from core.kafka import consumer_config, producer_config
+from core.settings import Settings
 from pipeline.alerting.hook import AlertingHook
 from pipeline.flow import build_flow
 from pipeline.kafka_source import STOP, KafkaBatchSource, list_partitions
@@ -48,9 +45,15 @@ def processor_config(settings: Settings) -> ProcessorConfig:
 
 
 def kafka_flow(
-    settings: Settings, *, processes: int = 1, process_id: int = 0, alerts: bool = True
+    settings: Settings,
+    *,
+    processes: int = 1,
+    process_id: int = 0,
+    alerts: bool = True,
+    migrate: Migrator | None = None,
 ) -> Dataflow:
-    """The production dataflow: Kafka in, ClickHouse and Kafka out."""
+    """The production dataflow: Kafka in, ClickHouse and Kafka out. Process 0 applies
+    `migrate` (the CLI passes `infra.clickhouse.migrate.migrate`) before its first write."""
     consumer = consumer_config(settings, group_id="keypulse-pipeline")
     events_topic = settings.topic(topics.USAGE_EVENTS)
     partitions = list_partitions(consumer, events_topic)
@@ -60,7 +63,7 @@ def kafka_flow(
         consumer, rules_topic, partitions=list_partitions(consumer, rules_topic)
     )
     sink = OutputSink(
-        client_factory=lambda: prepare(settings, migrate=process_id == 0).result(),
+        client_factory=lambda: prepare(settings, migrate if process_id == 0 else None).result(),
         producer_config=producer_config(settings),
         topic_name=settings.topic,
         database=settings.clickhouse_database,
@@ -103,15 +106,18 @@ def run_pipeline(
     epoch_seconds: float = 10.0,
     alerts: bool = True,
     handle_signals: bool = True,
+    migrate: Migrator | None = None,
 ) -> None:
-    """Run this process's share of the dataflow until SIGINT/SIGTERM (or `STOP` is set)."""
+    """Run this process's share of the dataflow until SIGINT/SIGTERM (or `STOP` is set).
+    Process 0 applies `migrate` to ClickHouse before its first write."""
     from bytewax._bytewax import cli_main
 
     processes = len(addresses) if addresses else 1
     writes = not process_id or not settings.embedded  # embedded: process 0 alone opens it
     # Opening and migrating ClickHouse overlaps the dataflow's start; the writer waits for it.
-    clickhouse = prepare(settings, migrate=not process_id) if writes else None
-    flow = kafka_flow(settings, processes=processes, process_id=process_id or 0, alerts=alerts)
+    clickhouse = prepare(settings, None if process_id else migrate) if writes else None
+    flow = kafka_flow(settings, processes=processes, process_id=process_id or 0, alerts=alerts,
+                      migrate=migrate)
     recovery = recovery_config(settings, max(processes, 1), create=not process_id)
     if handle_signals:
         _stop_on_signals()
@@ -144,38 +150,6 @@ def run_pipeline(
     logger.info("pipeline stopped; the next start resumes where it stopped")
 
 
-def spawn_local_cluster(
-    processes: int, base_port: int, argv_extra: list[str], pipeline_args: list[str]
-) -> int:
-    """Start `processes` pipeline processes on this machine as one Bytewax cluster."""
-    addresses = ",".join(f"127.0.0.1:{base_port + i}" for i in range(processes))
-    children: list[subprocess.Popen[bytes]] = []
-    for i in range(processes):
-        cmd = [
-            sys.executable,
-            "-m",
-            "keypulse.cli",
-            *argv_extra,
-            "pipeline",
-            "--addresses",
-            addresses,
-            "--process-id",
-            str(i),
-            *pipeline_args,
-        ]
-        children.append(subprocess.Popen(cmd, env=os.environ.copy()))
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    codes = [child.wait() for child in children]
-    return max(codes, default=0)
-
-
 def _stop_on_signals() -> None:
     """SIGINT/SIGTERM end every source partition; the sink flushes and the run returns.
 
@@ -195,15 +169,18 @@ def _stop_on_signals() -> None:
 class EmbeddedPipeline:
     """The dataflow in a thread of a process that serves other things (`keypulse run`)."""
 
-    def __init__(self, settings: Settings, *, epoch_seconds: float = 10.0) -> None:
+    def __init__(self, settings: Settings, *, epoch_seconds: float = 10.0,
+                 migrate: Migrator | None = None) -> None:
         self.settings = settings
+        self.migrate = migrate
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(epoch_seconds,),
                                        name="keypulse-pipeline", daemon=True)
 
     def _run(self, epoch_seconds: float) -> None:
         try:
-            run_pipeline(self.settings, epoch_seconds=epoch_seconds, handle_signals=False)
+            run_pipeline(self.settings, epoch_seconds=epoch_seconds, handle_signals=False,
+                         migrate=self.migrate)
         except BaseException as exc:
             logger.exception("the pipeline stopped with an error")
             self.error = exc

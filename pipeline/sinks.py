@@ -25,8 +25,8 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Producer
 
-from infra import topics
-from keypulse.kafka import produce
+from core import topics
+from core.kafka import produce
 from pipeline.alerting.metrics import to_ms
 from pipeline.items import DeadLetter, PartitionOutput
 from pipeline.metrics import METRICS, PipelineMetrics

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import Settings, load
 from infra.kafka import launcher
-from keypulse.settings import Settings, load
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_DATA_DIR = REPO / ".keypulse-test"

@@ -21,10 +21,10 @@ from typing import Any, Protocol
 from fastapi import APIRouter
 from starlette.routing import WebSocketRoute
 
-from infra.topics import NOTIFICATIONS, USAGE_ALERTS
-from keypulse import metrics
-from keypulse.clock import Clock, system_clock
-from keypulse.settings import Settings
+from core import metrics
+from core.clock import Clock, system_clock
+from core.settings import Settings
+from core.topics import NOTIFICATIONS, USAGE_ALERTS
 from schemas.ws import MAX_FRAME_BYTES
 from ws_bridge.asgi import BridgeApp, SlimWebSocketProtocol
 from ws_bridge.client_events import ClientEvents

@@ -14,10 +14,10 @@ from typing import Any
 
 import msgspec
 
-from infra.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_EVENTS
-from keypulse.auth import AuthError, verify_token
-from keypulse.clock import Clock
-from keypulse.settings import Settings
+from core.auth import AuthError, verify_token
+from core.clock import Clock
+from core.settings import Settings
+from core.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_EVENTS
 from schemas.events import InvalidEvent, decode_event, encode_event
 from schemas.notifications import Notification, NotificationRead, NotificationType
 from schemas.ws import (

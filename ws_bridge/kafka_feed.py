@@ -20,8 +20,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
 
-from keypulse.kafka import consumer_config
-from keypulse.settings import Settings
+from core.kafka import consumer_config
+from core.settings import Settings
 from ws_bridge.registry import Registry
 from ws_bridge.router import BROADCAST_KEY, Kind, Routed, Router, origin_of
 from ws_bridge.stats import BridgeStats

@@ -6,7 +6,7 @@ import math
 import re
 from collections import Counter
 
-from keypulse.clock import Clock
+from core.clock import Clock
 
 # Field names a client must never send us: the secret itself, under any of its usual names.
 _SECRET_NAME = re.compile(

@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from keypulse.clock import Clock
+from core.clock import Clock
 from schemas.ws import ConsumerStats, SystemStats, frame_prefix
 from ws_bridge.registry import Registry
 from ws_bridge.stats import BridgeStats

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Producer
 
-from keypulse.errors import ServiceError
-from keypulse.kafka import producer_config
-from keypulse.settings import Settings
+from core.errors import ServiceError
+from core.kafka import producer_config
+from core.settings import Settings
 from ws_bridge.stats import BridgeStats
 
 logger = logging.getLogger(__name__)

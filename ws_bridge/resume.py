@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, TopicPartition
 
-from keypulse.kafka import consumer_config
-from keypulse.settings import Settings
+from core.kafka import consumer_config
+from core.settings import Settings
 from ws_bridge import cursor as cursors
 from ws_bridge.connection import CURSOR_ALERTS
 from ws_bridge.router import Kind, Routed, Router, origin_of

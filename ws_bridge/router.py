@@ -24,9 +24,9 @@ from typing import Any
 
 import msgspec
 
-from infra.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_ALERTS, USAGE_EVENTS, USAGE_STATS
-from keypulse.clock import Clock
-from keypulse.settings import Settings
+from core.clock import Clock
+from core.settings import Settings
+from core.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_ALERTS, USAGE_EVENTS, USAGE_STATS
 from schemas.alerts import Alert
 from schemas.events import InvalidEvent, decode_event
 from schemas.notifications import SYSTEM_USER, Notification, NotificationMessage

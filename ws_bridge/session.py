@@ -19,9 +19,9 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from keypulse.auth import AuthError, Principal, verify_token
-from keypulse.clock import Clock
-from keypulse.settings import Settings
+from core.auth import AuthError, Principal, verify_token
+from core.clock import Clock
+from core.settings import Settings
 from schemas.ws import (
     MAX_FRAME_BYTES,
     Authenticate,

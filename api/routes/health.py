@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
-from keypulse import metrics
+from core import metrics
 
 router = APIRouter(tags=["health"])
 

@@ -8,7 +8,7 @@ from typing import Any
 import psutil
 from fastapi import APIRouter
 
-from keypulse import metrics
+from core import metrics
 
 router = APIRouter(prefix="/api/system", tags=["system"])
 _process = psutil.Process()

@@ -16,8 +16,8 @@ from importlib import resources
 
 from clickhouse_connect.driver.client import Client
 
-from keypulse.errors import ConfigError, ServiceError
-from keypulse.settings import Settings
+from core.errors import ConfigError, ServiceError
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

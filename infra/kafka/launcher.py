@@ -39,10 +39,10 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource  # re-exported by .admin, untyped there
 from confluent_kafka.cimpl import NewTopic
 
-from infra.topics import TOPICS
-from keypulse.errors import DependencyError, ServiceError
-from keypulse.kafka import admin_config
-from keypulse.settings import Settings
+from core.errors import DependencyError, ServiceError
+from core.kafka import admin_config
+from core.settings import Settings
+from core.topics import TOPICS
 
 logger = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ def status(settings: Settings) -> str:
 
 
 def ensure_topics(settings: Settings, *, timeout: float = 30) -> list[str]:
-    """Create the missing topics of `infra.topics` (prefixed); return the names created."""
+    """Create the missing topics of `core.topics` (prefixed); return the names created."""
     admin = _admin(settings)
     existing = _list_topics(admin, timeout)
     wanted: list[NewTopic] = []

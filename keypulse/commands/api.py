@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from keypulse.settings import Settings
+from core.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

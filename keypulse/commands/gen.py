@@ -18,10 +18,10 @@ import time
 from types import FrameType
 from typing import Any, TextIO
 
-from keypulse.errors import ConfigError, ServiceError
-from keypulse.kafka import admin_config, producer_config
-from keypulse.kafka import produce as kafka_produce
-from keypulse.settings import Settings
+from core.errors import ConfigError, ServiceError
+from core.kafka import admin_config, producer_config
+from core.kafka import produce as kafka_produce
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

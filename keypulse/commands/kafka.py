@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from core.settings import Settings
 from infra.kafka import launcher
-from keypulse.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from core.clickhouse import connect, redact
+from core.settings import Settings
 from infra.clickhouse.migrate import migrate
-from keypulse.clickhouse import connect, redact
-from keypulse.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

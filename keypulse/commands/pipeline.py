@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
 
-from keypulse.errors import ConfigError
-from keypulse.settings import Settings
+from core.errors import ConfigError
+from core.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    if args.processes <= 1 and not args.process_id:
-        from keypulse.clickhouse import prepare
+    from infra.clickhouse.migrate import migrate
 
-        prepare(settings)  # opens and migrates ClickHouse while the dataflow loads
-    from pipeline.runner import run_pipeline, spawn_local_cluster
+    if args.processes <= 1 and not args.process_id:
+        from core.clickhouse import prepare
+
+        prepare(settings, migrate)  # opens and migrates ClickHouse while the dataflow loads
+    from pipeline.runner import run_pipeline
 
     if args.addresses:
         addresses = [a.strip() for a in args.addresses.split(",") if a.strip()]
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             addresses=addresses,
             epoch_seconds=args.epoch_seconds,
             alerts=not args.no_alerts,
+            migrate=migrate,
         )
         return 0
     if args.processes > 1:
@@ -69,5 +77,39 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.no_alerts:
             pipeline_args.append("--no-alerts")
         return spawn_local_cluster(args.processes, args.base_port, extra, pipeline_args)
-    run_pipeline(settings, epoch_seconds=args.epoch_seconds, alerts=not args.no_alerts)
+    run_pipeline(settings, epoch_seconds=args.epoch_seconds, alerts=not args.no_alerts,
+                 migrate=migrate)
     return 0
+
+
+def spawn_local_cluster(
+    processes: int, base_port: int, argv_extra: list[str], pipeline_args: list[str]
+) -> int:
+    """Start `processes` pipeline processes on this machine as one Bytewax cluster."""
+    addresses = ",".join(f"127.0.0.1:{base_port + i}" for i in range(processes))
+    children: list[subprocess.Popen[bytes]] = []
+    for i in range(processes):
+        cmd = [
+            sys.executable,
+            "-m",
+            "keypulse.cli",
+            *argv_extra,
+            "pipeline",
+            "--addresses",
+            addresses,
+            "--process-id",
+            str(i),
+            *pipeline_args,
+        ]
+        children.append(subprocess.Popen(cmd, env=os.environ.copy()))
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+

@@ -8,8 +8,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from keypulse.errors import ServiceError
-from keypulse.settings import Settings
+from core.errors import ServiceError
+from core.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +23,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from api import create_app
+    from core.clickhouse import prepare, redact
+    from infra.clickhouse.migrate import migrate
     from infra.kafka.launcher import is_up
-    from keypulse.clickhouse import prepare, redact
     from pipeline.runner import EmbeddedPipeline
     from ws_bridge import UVICORN_WS_OPTIONS, create_bridge
 
@@ -32,8 +33,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         msg = (f"Kafka does not answer at {settings.kafka_bootstrap}; "
                "start it with `keypulse kafka start`")
         raise ServiceError(msg)
-    prepare(settings).result()  # opened and migrated once; the pipeline reuses it
-    pipeline = EmbeddedPipeline(settings, epoch_seconds=args.epoch_seconds)
+    prepare(settings, migrate).result()  # opened and migrated once; the pipeline reuses it
+    pipeline = EmbeddedPipeline(settings, epoch_seconds=args.epoch_seconds, migrate=migrate)
     bridge = create_bridge(settings)
 
     @contextlib.asynccontextmanager

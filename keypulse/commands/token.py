@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from keypulse.settings import Settings
+from core.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from keypulse.auth import mint_token  # PyJWT and cryptography load only when used
+    from core.auth import mint_token  # PyJWT and cryptography load only when used
 
     print(mint_token(settings, args.user, roles=tuple(args.roles), ttl_seconds=args.ttl))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keypulse.settings import Settings
+from core.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from keypulse.errors import KeypulseError
+from core.errors import KeypulseError
 from schemas.alerts import AlertRule, Metric, Op, Severity
 from schemas.notifications import SYSTEM_USER
 

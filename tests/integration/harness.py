@@ -16,9 +16,9 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from keypulse.kafka import consumer_config, producer_config
-from keypulse.kafka import produce as kafka_produce
-from keypulse.settings import Settings
+from core.kafka import consumer_config, producer_config
+from core.kafka import produce as kafka_produce
+from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from infra import topics
-from keypulse.settings import Settings
+from core import topics
+from core.settings import Settings
 from schemas.alerts import AlertRule, Metric, Op
 from tests.integration.harness import PipelineProcess, TopicReader, embedded, produce
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from msgspec.structs import astuple
 
+from core.settings import Settings
 from infra.clickhouse.migrate import migrate
-from keypulse.settings import Settings
 from pipeline.rows import EVENT_ROW_COLUMNS, encode_rows
 from pipeline.sinks import insert_event_rows
 from schemas.events import decode_event

@@ -13,10 +13,10 @@ from collections import Counter
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from infra.topics import USAGE_EVENTS
+from core.kafka import consumer_config
+from core.settings import Settings
+from core.topics import USAGE_EVENTS
 from keypulse import cli
-from keypulse.kafka import consumer_config
-from keypulse.settings import Settings
 from schemas.events import InvalidEvent, decode_event
 
 pytestmark = pytest.mark.integration
@@ -65,7 +65,7 @@ def _consume_all(settings: Settings, topic: str, expected: int) -> list[tuple[by
 def test_gen_emits_exactly_count_events_keyed_by_user(
     kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("keypulse.settings.get_settings", lambda: kafka_settings)
+    monkeypatch.setattr("core.settings.get_settings", lambda: kafka_settings)
     count = 1_500
     code = cli.main(["gen", "--count", str(count), "--rate", "0", "--users", "20",
                      "--seed", "3", "--malformed", "0.05"])
@@ -96,7 +96,7 @@ def test_gen_emits_exactly_count_events_keyed_by_user(
 def test_gen_at_a_rate_for_a_duration(
     kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("keypulse.settings.get_settings", lambda: kafka_settings)
+    monkeypatch.setattr("core.settings.get_settings", lambda: kafka_settings)
     started = time.monotonic()
     code = cli.main(["gen", "--rate", "400", "--duration", "2", "--seed", "1",
                      "--incident", "error-burst", "--incident-start", "0"])
@@ -113,7 +113,7 @@ def test_gen_at_a_rate_for_a_duration(
 def test_gen_refuses_a_missing_topic(
     kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("keypulse.settings.get_settings", lambda: kafka_settings)
+    monkeypatch.setattr("core.settings.get_settings", lambda: kafka_settings)
     missing = f"{kafka_settings.topic_prefix}no-such-topic-{uuid.uuid4().hex[:6]}"
     code = cli.main(["gen", "--count", "1", "--topic", missing])
     assert code == 1

@@ -9,10 +9,10 @@ from collections import defaultdict
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 
+from core.kafka import consumer_config, producer_config
+from core.settings import Settings
+from core.topics import ALERT_RULES, TOPICS, USAGE_EVENTS
 from infra.kafka import launcher
-from infra.topics import ALERT_RULES, TOPICS, USAGE_EVENTS
-from keypulse.kafka import consumer_config, producer_config
-from keypulse.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import load
 from infra.clickhouse.migrate import load_migrations, migrate
 from keypulse.cli import main
-from keypulse.settings import load
 from tests.integration.harness import embedded
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from infra import topics
-from keypulse.settings import Settings
+from core import topics
+from core.settings import Settings
 from tests.integration.harness import PipelineProcess, TopicReader, embedded, produce
 from tests.integration.truth import STATS_FIELDS, assert_windows_equal, expected_windows
 

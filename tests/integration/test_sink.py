@@ -11,10 +11,10 @@ from pathlib import Path
 from confluent_kafka import Consumer, TopicPartition
 from msgspec.structs import astuple
 
-from infra import topics
+from core import topics
+from core.kafka import consumer_config, producer_config
+from core.settings import Settings
 from infra.clickhouse.migrate import migrate
-from keypulse.kafka import consumer_config, producer_config
-from keypulse.settings import Settings
 from pipeline.items import EventRows, PartitionOutput
 from pipeline.rows import encode_rows
 from pipeline.sinks import OutputSink

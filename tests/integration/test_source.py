@@ -7,9 +7,9 @@ import time
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from infra.topics import USAGE_EVENTS
-from keypulse.kafka import admin_config, consumer_config, producer_config
-from keypulse.settings import Settings
+from core.kafka import admin_config, consumer_config, producer_config
+from core.settings import Settings
+from core.topics import USAGE_EVENTS
 from pipeline.kafka_source import KafkaBatchSource
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import DependencyError
+from core.settings import Settings, load
 from infra.kafka import launcher
-from keypulse.errors import DependencyError
-from keypulse.settings import Settings, load
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from keypulse.errors import ConfigError
-from keypulse.settings import DEV_JWT_SECRET, load
+from core.errors import ConfigError
+from core.settings import DEV_JWT_SECRET, load
 from ws_bridge import create_bridge
 
 STRONG = "x" * 16 + "y" * 16

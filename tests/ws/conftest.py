@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from keypulse.settings import Settings, load
+from core.settings import Settings, load
 from tests.ws.harness import Server, start_bridge
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
-from keypulse.auth import mint_token
-from keypulse.settings import Settings
+from core.auth import mint_token
+from core.settings import Settings
 from schemas.ws import ServerFrame, client_frame, decode_server_frame
 from ws_bridge import UVICORN_WS_OPTIONS, Bridge, create_bridge
 

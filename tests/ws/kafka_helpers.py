@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 from confluent_kafka import Producer
 
-from keypulse.kafka import producer_config
-from keypulse.settings import Settings
+from core.kafka import producer_config
+from core.settings import Settings
 from schemas.alerts import Alert, AlertState, Metric, Op, Severity
 from schemas.notifications import Notification, NotificationType
 from schemas.stats import StatsRecord

@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from keypulse.auth import AuthError, mint_token, verify_token
-from keypulse.clock import ManualClock
-from keypulse.settings import Settings
+from core.auth import AuthError, mint_token, verify_token
+from core.clock import ManualClock
+from core.settings import Settings
 from schemas.ws import client_frame
 from tests.ws.harness import expect, open_ws, recv, send, token
 from ws_bridge import Limits

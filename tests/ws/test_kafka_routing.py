@@ -11,8 +11,8 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from keypulse.kafka import consumer_config
-from keypulse.settings import Settings
+from core.kafka import consumer_config
+from core.settings import Settings
 from schemas.events import decode_event
 from schemas.notifications import NotificationMessage, NotificationRead
 from schemas.ws import ApiKeyEvent

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from keypulse.settings import Settings
+from core.settings import Settings
 from schemas.events import decode_event
 from schemas.notifications import NotificationRead
 from schemas.ws import CLIENT_EVENTS, SERVER_EVENTS, ApiKeyEvent

@@ -10,8 +10,8 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from keypulse.kafka import admin_config
-from keypulse.settings import Settings
+from core.kafka import admin_config
+from core.settings import Settings
 from tests.ws import kafka_helpers as kh
 from tests.ws.harness import expect, login, quiet, recv
 

@@ -9,7 +9,7 @@ import time
 
 import msgspec
 
-from keypulse.settings import Settings
+from core.settings import Settings
 from schemas.ws import ServerFrame
 from tests.ws.harness import login, token
 from ws_bridge import Limits

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from keypulse.clock import ManualClock
+from core.clock import ManualClock
 from ws_bridge import cursor
 from ws_bridge.connection import CLOSE_OVERFLOW, CURSOR_ALERTS, CURSOR_NOTIFICATIONS, Connection
 from ws_bridge.limits import TokenBucket, looks_like_secret, secret_field_name

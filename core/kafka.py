@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from keypulse.settings import Settings
+from core.settings import Settings
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:

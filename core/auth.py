@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import jwt
 
-from keypulse.clock import Clock, system_clock
-from keypulse.errors import KeypulseError
-from keypulse.settings import Settings
+from core.clock import Clock, system_clock
+from core.errors import KeypulseError
+from core.settings import Settings
 
 MAX_TOKEN_CHARS = 8192
 ADMIN_ROLE = "admin"

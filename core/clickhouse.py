@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,8 +16,10 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from keypulse.errors import ServiceError
-from keypulse.settings import Settings
+from core.errors import ServiceError
+from core.settings import Settings
+
+Migrator = Callable[[Client, Settings], object]  # infra.clickhouse.migrate.migrate, passed in
 
 _lock = threading.Lock()
 _shared: dict[str, Client] = {}
@@ -49,11 +52,13 @@ def shared_client(settings: Settings) -> Client:
         return client
 
 
-def prepare(settings: Settings, *, migrate: bool = True) -> Future[Client]:
-    """The shared client, opened (and the schema migrated) in a background thread.
+def prepare(settings: Settings, migrate: Migrator | None = None) -> Future[Client]:
+    """The shared client, opened (and migrated by `migrate`, if given) in a background thread.
 
     A cold start overlaps this — loading the engine, its first queries, the migrations —
-    with importing and starting the dataflow; whoever writes waits on the future.
+    with importing and starting the dataflow; whoever writes waits on the future. The
+    migrations come from the caller (the CLI passes `infra.clickhouse.migrate.migrate`): the
+    foundation never imports a floor above it.
     """
     with _lock:
         future = _ready.get(settings.dsn)
@@ -64,10 +69,8 @@ def prepare(settings: Settings, *, migrate: bool = True) -> Future[Client]:
     def work() -> None:
         try:
             client = shared_client(settings)
-            if migrate:
-                from infra.clickhouse.migrate import migrate as apply_migrations
-
-                apply_migrations(client, settings)
+            if migrate is not None:
+                migrate(client, settings)
             future.set_result(client)
         except BaseException as exc:  # handed to whoever waits
             future.set_exception(exc)
