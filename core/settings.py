@@ -46,16 +46,40 @@ class Settings(BaseSettings):
     jwt_issuer: str = "keypulse"
     jwt_algorithm: Literal["HS256"] = "HS256"
     jwt_leeway_seconds: int = Field(10, ge=0, le=300)
+    jwt_max_ttl_seconds: int = Field(
+        7 * 86_400, ge=60, le=366 * 86_400,
+        description="tokens living longer than this (exp - iat, or exp - now) are refused")
 
     window_seconds: int = Field(10, ge=1, le=86_400)
     allowed_lateness_seconds: int = Field(5, ge=0, le=86_400)
     dedup_horizon_seconds: int = Field(3600, ge=0, le=7 * 86_400)
-    dedup_max_ids: int = Field(2_000_000, ge=1000)
+    dedup_max_ids: int = Field(2_000_000, ge=1000,
+                               description="dedup ids kept in total, over every partition")
+    # Event-time admission (DESIGN §1): an event more than this ahead of the time it is read
+    # goes to the DLQ (`ts_in_future`), and no watermark passes wall time + this bound.
+    max_clock_skew_seconds: int = Field(300, ge=0, le=86_400)
+    # Distinct services one user may have open state for; beyond it: DLQ `too_many_services`.
+    max_services_per_user: int = Field(100, ge=1, le=100_000)
+    # Per-(user, service) alerting state idle this long (event time) is dropped.
+    state_idle_seconds: int = Field(3600, ge=60, le=30 * 86_400)
+    # Storage: attempts per failed ClickHouse batch before it is dead-lettered.
+    insert_attempts: int = Field(3, ge=1, le=20)
+    # A pipeline whose watermark lags wall time by more than this (while its input is caught
+    # up) is reported stuck by /healthz.
+    health_max_lag_seconds: int = Field(120, ge=10, le=86_400)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     ws_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ws_max_connections_per_user: int = Field(20, ge=1)
+    # Sockets upgraded but not yet authenticated, in total (beyond: refused at once).
+    ws_max_pending: int = Field(1000, ge=1)
+    # A resume replays at most this many frames / bytes; beyond: resync_required.
+    ws_resume_max_frames: int = Field(5000, ge=1)
+    ws_resume_max_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # HTTP server limits (uvicorn/h11): header bytes, header-read timeout.
+    http_max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    http_header_timeout_seconds: float = Field(10.0, gt=0, le=300)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("ws_allowed_origins", mode="before")
