@@ -2,7 +2,9 @@
 
 Producers use the murmur2 partitioner, the same as the Java client, so that a
 `user_id` key lands on the same partition whichever client produced it; the
-dataflow and the bridge rely on "one user, one partition".
+dataflow and the bridge rely on "one user, one partition". `partition_for` computes that
+partition (the bridge needs it to read and write resume cursors before it has seen any
+message of the user).
 """
 
 from __future__ import annotations
@@ -76,3 +78,40 @@ def produce(
             return
         except BufferError:
             producer.poll(wait_seconds)
+
+
+# -- the partitioner (Kafka's murmur2, as the Java client and librdkafka's murmur2_random) --
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's 32-bit murmur2 (seed 0x9747b28c) as an unsigned int."""
+    length = len(data)
+    h = (0x9747B28C ^ length) & _MASK
+    end = length - length % 4
+    for i in range(0, end, 4):
+        k = data[i] | data[i + 1] << 8 | data[i + 2] << 16 | data[i + 3] << 24
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        k = (k * _M) & _MASK
+        h = (h * _M) & _MASK
+        h ^= k
+    extra = length % 4
+    if extra == 3:
+        h ^= data[end + 2] << 16
+    if extra >= 2:
+        h ^= data[end + 1] << 8
+    if extra >= 1:
+        h ^= data[end]
+        h = (h * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    h ^= h >> 15
+    return h
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition of `key` among `partitions` (Java's `toPositive(murmur2) % n`)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions

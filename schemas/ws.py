@@ -25,6 +25,7 @@ The same module defines the `apikey.events` message (`ApiKeyEvent`), which the b
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -37,6 +38,7 @@ from schemas.notifications import Notification, NotificationRead
 from schemas.stats import StatsRecord
 
 MAX_FRAME_BYTES = 64 * 1024
+MAX_NESTING = 32  # arrays/objects inside each other in one client frame
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 ServiceName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
@@ -70,10 +72,16 @@ class ErrorCode(StrEnum):
 
 
 class ClientFrame(msgspec.Struct, frozen=True):
-    """The envelope of every client frame; `data` is decoded per event."""
+    """The envelope of every client frame; `data` is decoded per event.
+
+    Decode it with `decode_client_frame`, the one decoder (it also bounds the nesting)."""
 
     event: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     data: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class InvalidFrame(ValueError):
+    """The text is not a client frame; `str(exc)` is fit to show the client."""
 
 
 # -- client → server ------------------------------------------------------------------
@@ -159,8 +167,21 @@ class ApiKeyUpdate(msgspec.Struct, kw_only=True, frozen=True):
     at: datetime
 
 
+class ResyncReason(StrEnum):
+    """Why a resume could not be honoured (`resync_required.reason`)."""
+
+    INVALID_CURSOR = "invalid_cursor"  # not a cursor this bridge wrote
+    RESUME_UNAVAILABLE = "resume_unavailable"  # a bridge without Kafka
+    PARTITIONS_CHANGED = "partitions_changed"  # the topics were repartitioned
+    BEYOND_RETENTION = "beyond_retention"  # the log start passed the cursor
+    CURSOR_AHEAD_OF_LOG = "cursor_ahead_of_log"
+    TOO_FAR_BEHIND = "too_far_behind"  # more to replay or scan than the bounds allow
+    REPLAY_TIMEOUT = "replay_timeout"
+    REPLAY_FAILED = "replay_failed"
+
+
 class ResyncRequired(msgspec.Struct, kw_only=True, frozen=True):
-    reason: str
+    reason: str  # a ResyncReason (a str, so that a newer bridge's reason still decodes)
     cursor: str  # a fresh cursor: live data continues from here
 
 
@@ -256,6 +277,40 @@ def decode_server_frame(text: str | bytes) -> tuple[ServerFrame, Any]:
         msg = f"unknown server event {frame.event!r}"
         raise msgspec.ValidationError(msg)
     return frame, decoder.decode(frame.data)
+
+
+_client_frame_decoder = msgspec.json.Decoder(ClientFrame)
+# a JSON string (skipped whole) or one bracket
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def decode_client_frame(text: str | bytes) -> ClientFrame:
+    """The envelope of a client frame, or InvalidFrame: not JSON, not an object, no `event`,
+    or nested deeper than MAX_NESTING (refused before anything is built, so the depth at
+    which a frame fails never depends on the caller's stack)."""
+    if _too_deep(text if isinstance(text, str) else text.decode("utf-8", "replace")):
+        msg = f"bad frame: nested deeper than {MAX_NESTING} levels"
+        raise InvalidFrame(msg)
+    try:
+        return _client_frame_decoder.decode(text)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeError) as exc:
+        msg = f"bad frame: {exc}"
+        raise InvalidFrame(msg) from None
+
+
+def _too_deep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= MAX_NESTING:  # every ordinary frame
+        return False
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        char = match.group()
+        if char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def client_frame(event: str, data: object | None = None) -> str:

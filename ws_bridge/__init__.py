@@ -3,13 +3,17 @@
     create_bridge(settings) → Bridge        app.py: route, lifecycle, uvicorn options
     Sessions                                session.py: origin, auth, resume, frame loop
     ClientEvents                            client_events.py: what clients may send
-    Connection                              connection.py: bounded queue, direct socket writes
-    BridgeApp, SlimWebSocketProtocol        asgi.py: what `keypulse ws` serves (lean per socket)
+    Connection                              connection.py: bounded send queue, its policy, state
+    FrameWriter, AsgiWriter                 transport.py: how frames reach a socket (any ASGI)
+    SlimWebSocketProtocol                   uvicorn_fast.py: uvicorn's protocol, direct writes
+    BridgeApp                               asgi.py: what `keypulse ws` serves (lean per socket)
     Registry                                registry.py: connections by user, key sets
     Router                                  router.py: Kafka message → encoded frame → users
     KafkaFeed, BridgeProducer               kafka_feed.py, producer.py: the Kafka threads
-    replay                                  resume.py: missed alerts/notifications
+    Replay                                  resume.py: missed alerts/notifications, bounded
     Monitor                                 monitoring.py: system_stats for admins
+    TokenBucket                             limits.py: client frame rates
+    find_secret                             key_secrets.py: what a key secret looks like
 """
 
 from ws_bridge.app import UVICORN_WS_OPTIONS, Bridge, create_bridge

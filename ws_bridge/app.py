@@ -6,8 +6,10 @@
     await bridge.start() ... await bridge.stop()   # in the app's lifespan
 
 Serve it with `uvicorn.Config(app, **UVICORN_WS_OPTIONS)`: the sans-I/O websockets
-protocol (the lightest per connection), 64 KiB frame limit (larger frames close 1009),
-no permessage-deflate, and 20 s pings with a 20 s pong deadline (dead peers gone in 40 s).
+protocol (the lightest per connection; on a tested uvicorn the bridge's slim subclass with
+direct frame writes, see ws_bridge.uvicorn_fast), 64 KiB frame limit (larger frames close
+1009), no permessage-deflate, and 20 s pings with a 20 s pong deadline (dead peers gone in
+40 s). Any other ASGI server works too, with plain ASGI sends (ws_bridge.transport).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from core.clock import Clock, system_clock
 from core.settings import Settings
 from core.topics import NOTIFICATIONS, USAGE_ALERTS
 from schemas.ws import MAX_FRAME_BYTES
-from ws_bridge.asgi import BridgeApp, SlimWebSocketProtocol
+from ws_bridge.asgi import BridgeApp
 from ws_bridge.client_events import ClientEvents
 from ws_bridge.connection import CLOSE_GOING_AWAY, Connection
 from ws_bridge.kafka_feed import KafkaFeed
@@ -39,8 +41,21 @@ from ws_bridge.stats import BridgeStats
 
 logger = logging.getLogger(__name__)
 
+
+def _ws_protocol() -> Any:
+    """uvicorn's `ws` option: the slim sans-I/O protocol with direct frame writes on a
+    uvicorn it was tested on, else uvicorn's own (frames then go through plain ASGI)."""
+    try:
+        from ws_bridge import uvicorn_fast
+    except ImportError:  # a uvicorn without the sans-I/O protocol
+        logger.warning("uvicorn has no sans-I/O websockets protocol; frames go through "
+                       "plain ASGI sends")
+        return "auto"
+    return uvicorn_fast.server_protocol()
+
+
 UVICORN_WS_OPTIONS: dict[str, Any] = {
-    "ws": SlimWebSocketProtocol,  # uvicorn's "websockets-sansio", lighter per socket
+    "ws": _ws_protocol(),
     "ws_max_size": MAX_FRAME_BYTES,
     "ws_per_message_deflate": False,
     "ws_ping_interval": 20.0,

@@ -1,8 +1,10 @@
 """What a client may ask of an authenticated connection (DESIGN §7, client → server).
 
-Every frame is decoded against its event's schema; anything wrong earns an `error` frame
-with a code (schemas.ws.ErrorCode) and the connection carries on. Handlers never await:
-producing to Kafka only queues the message in librdkafka.
+Every frame is decoded against its event's schema; anything wrong (deep nesting included)
+earns an `error` frame with a code (schemas.ws.ErrorCode) and the connection carries on.
+Handlers never await: producing to Kafka only queues the message in librdkafka.
+Re-sending `authenticate` swaps the token: same user only, and the roles are the new
+token's (monitoring stops when the admin role is gone).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from core.auth import AuthError, verify_token
+from core.auth import ADMIN_ROLE, AuthError, verify_token
 from core.clock import Clock
 from core.settings import Settings
 from core.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_EVENTS
@@ -25,18 +27,19 @@ from schemas.ws import (
     ApiKeyChange,
     ApiKeyEvent,
     Authenticate,
-    ClientFrame,
     Error,
     ErrorCode,
+    InvalidFrame,
     MarkNotificationRead,
     Ping,
     Pong,
     Subscribe,
     Subscribed,
+    decode_client_frame,
     frame_prefix,
 )
 from ws_bridge.connection import CHANNEL_BITS, Connection
-from ws_bridge.limits import looks_like_secret, secret_field_name
+from ws_bridge.key_secrets import find_secret
 from ws_bridge.producer import Sink, Unavailable
 from ws_bridge.registry import Registry
 from ws_bridge.router import ORIGIN_HEADER, utc_now
@@ -44,7 +47,6 @@ from ws_bridge.stats import BridgeStats
 
 logger = logging.getLogger(__name__)
 
-_envelope = msgspec.json.Decoder(ClientFrame)
 _any = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {
@@ -101,9 +103,9 @@ class ClientEvents:
         event: str | None = None
         try:
             try:
-                frame = _envelope.decode(text)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise ClientError(ErrorCode.INVALID_FRAME, f"bad frame: {exc}") from None
+                frame = decode_client_frame(text)
+            except InvalidFrame as exc:
+                raise ClientError(ErrorCode.INVALID_FRAME, str(exc)) from None
             event = frame.event
             self._handler(event)(conn, event, frame.data)
         except ClientError as exc:
@@ -142,6 +144,9 @@ class ClientEvents:
         if principal.user_id != conn.user_id:
             raise ClientError(ErrorCode.FORBIDDEN_USER, "a connection cannot change user")
         conn.roles = principal.roles
+        if conn.monitoring and ADMIN_ROLE not in principal.roles:
+            conn.monitoring = False
+            self.registry.monitors.discard(conn)
         conn.offer_control(self.reauthenticated(conn, principal.expires_at))
 
     def _subscribe(self, conn: Connection, event: str, raw: msgspec.Raw) -> None:
@@ -158,10 +163,7 @@ class ClientEvents:
         if not conn.usage_bucket.take():
             self.stats.rate_limited += 1
             raise ClientError(ErrorCode.RATE_LIMITED, "track_usage rate limit exceeded")
-        try:
-            fields = _any.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ClientError(ErrorCode.INVALID_DATA, f"data: {exc}") from None
+        fields = _fields(raw)
         user_id = fields.setdefault("user_id", conn.user_id)
         if user_id != conn.user_id:
             raise ClientError(ErrorCode.FORBIDDEN_USER, "user_id must be the authenticated user")
@@ -179,12 +181,9 @@ class ClientEvents:
                       [(ORIGIN_HEADER, conn.connection_id.encode())])
 
     def _monitoring(self, conn: Connection, _event: str, raw: msgspec.Raw) -> None:
-        if "admin" not in conn.roles:
+        if ADMIN_ROLE not in conn.roles:
             raise ClientError(ErrorCode.FORBIDDEN, "subscribe_monitoring needs the admin role")
-        try:
-            fields = _any.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ClientError(ErrorCode.INVALID_DATA, f"data: {exc}") from None
+        fields = _fields(raw)
         if fields:
             raise ClientError(ErrorCode.INVALID_DATA, "subscribe_monitoring takes no data")
         conn.monitoring = True
@@ -192,11 +191,10 @@ class ClientEvents:
         conn.offer_control(self.monitoring_frame())
 
     def _api_key(self, conn: Connection, event: str, raw: msgspec.Raw) -> None:
-        try:
-            fields = _any.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ClientError(ErrorCode.INVALID_DATA, f"data: {exc}") from None
-        _refuse_secrets(fields)
+        fields = _fields(raw)
+        problem = find_secret(fields, _APIKEY_FIELDS)
+        if problem is not None:
+            raise ClientError(ErrorCode.SECRET_REFUSED, problem)
         data: ApiKeyChange = _decode(ApiKeyChange, raw)
         action = _APIKEY_ACTIONS[event]
         now = utc_now(self.clock)
@@ -223,30 +221,13 @@ class ClientEvents:
 def _decode(kind: type[Any], raw: msgspec.Raw) -> Any:
     try:
         return _decoders[kind].decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         raise ClientError(ErrorCode.INVALID_DATA, f"data: {exc}") from None
 
 
-def _refuse_secrets(fields: dict[str, Any]) -> None:
-    """Refuse a field named like a secret, or any string value shaped like one."""
-    for name, value in fields.items():
-        if secret_field_name(name, _APIKEY_FIELDS):
-            msg = f"field {name[:64]!r} looks like a key secret; send metadata only"
-            raise ClientError(ErrorCode.SECRET_REFUSED, msg)
-        for text in _strings(value):
-            if looks_like_secret(text):
-                msg = f"field {name[:64]!r} holds what looks like a key secret; never send it"
-                raise ClientError(ErrorCode.SECRET_REFUSED, msg)
-
-
-def _strings(value: Any, depth: int = 0) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if depth > 4:
-        return []
-    if isinstance(value, dict):
-        return [s for k, v in value.items() for s in (*_strings(k, depth + 1),
-                                                       *_strings(v, depth + 1))]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v, depth + 1)]
-    return []
+def _fields(raw: msgspec.Raw) -> dict[str, Any]:
+    """`data` as a JSON object of any fields (validated further by the handler)."""
+    try:
+        return _any.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+        raise ClientError(ErrorCode.INVALID_DATA, f"data: {exc}") from None

@@ -1,4 +1,5 @@
-"""`system_stats` for admins who sent `subscribe_monitoring`, every few seconds.
+"""`system_stats` for admins who sent `subscribe_monitoring`, every few seconds (only while
+the connection's current token has the admin role).
 
 CPU, memory and uptime come from psutil; connection counts from the registry; consumer
 lag and throughput from the bridge counters (rates over the last interval).
@@ -13,6 +14,7 @@ import time
 
 import psutil
 
+from core.auth import ADMIN_ROLE
 from core.clock import Clock
 from schemas.ws import ConsumerStats, SystemStats, frame_prefix
 from ws_bridge.registry import Registry
@@ -77,7 +79,9 @@ class Monitor:
         while True:
             await asyncio.sleep(self.interval)
             self._update_rates()
-            monitors = [c for c in self.registry.monitors if c.close_code is None]
+            # the role again: a re-authentication without it also leaves `monitors`
+            monitors = [c for c in self.registry.monitors
+                        if c.close_code is None and ADMIN_ROLE in c.roles]
             if not monitors:
                 continue
             try:

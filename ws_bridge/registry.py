@@ -12,8 +12,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+from core.kafka import partition_for
 from ws_bridge.connection import ACTIVITY, Connection
-from ws_bridge.partition import partition_for
 
 
 class Registry:

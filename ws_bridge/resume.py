@@ -1,26 +1,40 @@
-"""Resume: replay a user's missed alerts and notifications from Kafka, once, in order.
+"""Resume: replay a user's missed alerts and notifications from Kafka, once, in order, bounded.
 
 A connection that authenticates with `resume_from` registers first (which fixes where its
-live stream starts, the *baseline*), then a short-lived consumer reads the user's
-partition of `usage.alerts` and `notifications` from the cursor up to the baseline,
-keeping only the user's key. Those frames go ahead of anything queued live, so nothing is
-missed and nothing comes twice. A cursor older than the log start (retention), newer than
-the log end, from another partition layout, or too far behind to scan gets an explicit
-`resync_required` instead.
+live stream starts, the *baseline*); then a `Replay` reads the user's partition of
+`usage.alerts` and `notifications` from the cursor up to the baseline, keeping only the
+user's key, in two passes (blocking calls: run them in an executor):
+
+1. `plan()` scans both spans and keeps, per message of the user, only its offset, timestamp
+   and size (not decoded: an undeliverable one counts too, which only errs on the safe
+   side). More than `max_frames` frames or `max_bytes` bytes to replay, or a span of more
+   than `max_scan` messages (all users) to read, is `too_far_behind`: the client refetches
+   its state over HTTP instead. A cursor older than the log start (retention) or newer than
+   the log end also gets its reason.
+2. `next_chunk(frames, size)` re-reads only the ranges that hold the next planned messages
+   and returns their frames, with cursors, in delivery order (the two topics merged by
+   timestamp, each in log order). The session writes a chunk before it asks for the next,
+   so a resume holds one chunk in memory however large the backlog and however slowly the
+   client reads. The consumer prefetches at most `PREFETCH_KB` and is closed (threads and
+   buffers freed) while a chunk is being written: a stalled client holds no consumer.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
 from core.kafka import consumer_config
 from core.settings import Settings
+from schemas.ws import ResyncReason
 from ws_bridge import cursor as cursors
 from ws_bridge.connection import CURSOR_ALERTS
 from ws_bridge.router import Kind, Routed, Router, origin_of
@@ -28,7 +42,13 @@ from ws_bridge.router import Kind, Routed, Router, origin_of
 logger = logging.getLogger(__name__)
 
 MAX_SCAN = 200_000  # messages of the partition (all users) one resume may read
-TIMEOUT_S = 10.0
+TIMEOUT_S = 10.0  # per pass over Kafka: the plan, then each chunk
+PREFETCH_KB = 1024  # librdkafka's fetch queue per replay (its default is 64 MB)
+FRAME_OVERHEAD = 160  # bytes a frame adds to its Kafka value: envelope, ts, cursor, seq
+
+
+class ReplayTimeout(Exception):
+    """Kafka did not deliver a span within the timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,78 +62,197 @@ class Span:
     kind: Kind
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """How much one resume may replay (frames, bytes) and scan (messages of a partition)."""
+
+    max_frames: int
+    max_bytes: int
+    max_scan: int = MAX_SCAN
+    timeout: float = TIMEOUT_S
+
+    @classmethod
+    def of(cls, settings: Settings) -> Bounds:
+        return cls(settings.ws_resume_max_frames, settings.ws_resume_max_bytes)
+
+
 class Replay:
-    frames: list[str] = field(default_factory=list)
-    resync: str | None = None  # the reason, when the cursor cannot be honoured
+    """The missed frames of one resume, planned once and then read chunk by chunk."""
 
+    def __init__(self, settings: Settings, router: Router, key: bytes, start: cursors.Cursor,
+                 spans: tuple[Span, ...], bounds: Bounds) -> None:
+        self.settings = settings
+        self.router = router
+        self.key = key
+        self.start = start
+        self.spans = spans
+        self.bounds = bounds
+        self.order: list[tuple[int, int, int]] = []  # (span index, offset, frame bytes)
+        self.done = 0  # entries of `order` already returned
+        self.frames = 0  # planned frames and their bytes
+        self.bytes = 0
+        self._pos = [start.alerts_offset, start.notifications_offset]
+        self._lock = threading.Lock()  # close() waits for a chunk being read
+        self._consumer: Consumer | None = None
+        self._closed = False
 
-def replay(settings: Settings, router: Router, key: bytes, start: cursors.Cursor,
-           spans: tuple[Span, Span], *, max_scan: int = MAX_SCAN,
-           timeout: float = TIMEOUT_S) -> Replay:
-    """Blocking (run it in an executor): the frames, with cursors, of the missed messages."""
-    group = f"keypulse-ws-resume-{uuid.uuid4().hex}"
-    consumer = Consumer(consumer_config(settings, group_id=group))
-    try:
-        todo: list[Span] = []
-        for span in spans:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(span.topic, span.partition), timeout=timeout)
-            if span.start < low:
-                return Replay(resync="beyond_retention")
-            if span.start > high:
-                return Replay(resync="cursor_ahead_of_log")
-            if span.end - span.start > max_scan:
-                return Replay(resync="too_far_behind")
-            if span.start < span.end:
-                todo.append(span)
-        found = _read(consumer, router, key, todo, timeout)
-    finally:
-        consumer.close()
-    if found is None:
-        return Replay(resync="replay_timeout")
-    pos_a, pos_n = start.alerts_offset, start.notifications_offset
-    frames: list[str] = []
-    for routed in heapq.merge(*found, key=lambda r: r.timestamp):
-        if routed.cursor_topic == CURSOR_ALERTS:
-            pos_a = routed.offset + 1
-        else:
-            pos_n = routed.offset + 1
-        text = cursors.encode(start.alerts_partition, pos_a, start.notifications_partition, pos_n)
-        frames.append(f'{routed.prefix}"cursor":"{text}",')
-    router.stats.replayed += len(frames)
-    return Replay(frames=frames)
+    # -- pass 1 -------------------------------------------------------------------------
 
+    def plan(self) -> ResyncReason | None:
+        """Scan the spans; None when the replay fits the bounds, else why it cannot be done."""
+        with self._lock:
+            consumer = self._open()
+            bounds = self.bounds
+            todo: list[int] = []
+            for i, span in enumerate(self.spans):
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(span.topic, span.partition), timeout=bounds.timeout)
+                if span.start < low:
+                    return ResyncReason.BEYOND_RETENTION
+                if span.start > high:
+                    return ResyncReason.CURSOR_AHEAD_OF_LOG
+                if span.end - span.start > bounds.max_scan:
+                    return ResyncReason.TOO_FAR_BEHIND
+                if span.start < span.end:
+                    todo.append(i)
+            found: list[list[tuple[int, int, int, int]]] = [[] for _ in self.spans]
+            for i in todo:
+                span = self.spans[i]
 
-def _read(consumer: Consumer, router: Router, key: bytes, spans: list[Span],
-          timeout: float) -> list[list[Routed]] | None:
-    """Per span, the user's messages in offset order; None on timeout."""
-    found: dict[tuple[str, int], list[Routed]] = {(s.topic, s.partition): [] for s in spans}
-    if not spans:
-        return []
-    ends = {(s.topic, s.partition): s for s in spans}
-    consumer.assign([TopicPartition(s.topic, s.partition, s.start) for s in spans])
-    open_spans = set(ends)
-    deadline = time.monotonic() + timeout
-    while open_spans:
-        if time.monotonic() > deadline:
-            return None
-        for msg in consumer.consume(1000, 0.2):
-            if msg.error() is not None:
-                continue
-            where = (msg.topic() or "", msg.partition() or 0)
-            span = ends.get(where)
-            if span is None or where not in open_spans:
-                continue
-            offset = msg.offset() or 0
-            if offset >= span.end:
-                open_spans.discard(where)
-                continue
-            if msg.key() == key:
-                routed = router.prepare(span.kind, key, msg.value() or b"", offset,
-                                        origin=origin_of(msg), timestamp=msg.timestamp()[1])
-                if routed is not None and routed.cursor_topic:
-                    found[where].append(routed)
-            if offset >= span.end - 1:
-                open_spans.discard(where)
-    return [found[(s.topic, s.partition)] for s in spans]
+                def note(msg: Any, i: int = i) -> bool:
+                    size = len(msg.value() or b"") + FRAME_OVERHEAD
+                    self.frames += 1
+                    self.bytes += size
+                    found[i].append((i, msg.offset() or 0, size, msg.timestamp()[1]))
+                    return self.frames <= bounds.max_frames and self.bytes <= bounds.max_bytes
+
+                try:
+                    complete = self._scan(consumer, span, span.start, span.end, note)
+                except ReplayTimeout:
+                    return ResyncReason.REPLAY_TIMEOUT
+                if not complete:
+                    return ResyncReason.TOO_FAR_BEHIND
+            self._release()
+        # the delivery order: per span the log's, across spans by timestamp (ties: alerts first)
+        self.order = [entry[:3] for entry in heapq.merge(*found, key=lambda e: e[3])]
+        return None
+
+    # -- pass 2 -------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """Every planned frame was returned by `next_chunk`."""
+        return self.done >= len(self.order)
+
+    def next_chunk(self, max_frames: int, max_bytes: int) -> list[str]:
+        """The next planned frames (at most `max_frames`, and past the first `max_bytes`),
+        each with its cursor, until `finished`; a message that has vanished since the plan
+        (retention) or cannot be decoded is skipped. ReplayTimeout if Kafka is too slow."""
+        with self._lock:
+            batch: list[tuple[int, int, int]] = []
+            size = 0
+            for entry in self.order[self.done:self.done + max_frames]:
+                if batch and size + entry[2] > max_bytes:
+                    break
+                batch.append(entry)
+                size += entry[2]
+            if not batch:
+                return []
+            consumer = self._open()
+            wanted: dict[int, set[int]] = {}
+            for i, offset, _ in batch:
+                wanted.setdefault(i, set()).add(offset)
+            prefixes: dict[tuple[int, int], tuple[int, str]] = {}
+            for i, offsets in wanted.items():
+                span = self.spans[i]
+
+                def keep(msg: Any, i: int = i, span: Span = span,
+                         offsets: set[int] = offsets) -> bool:
+                    offset = msg.offset() or 0
+                    if offset in offsets:
+                        routed = self._prepare(span, msg)
+                        if routed is not None:
+                            prefixes[(i, offset)] = (routed.cursor_topic, routed.prefix)
+                    return True
+
+                self._scan(consumer, span, min(offsets), max(offsets) + 1, keep)
+            self.done += len(batch)
+            frames: list[str] = []
+            part_a, part_n = self.start.alerts_partition, self.start.notifications_partition
+            pos = self._pos
+            for i, offset, _ in batch:
+                found = prefixes.get((i, offset))
+                if found is None:  # gone since the plan (retention): nothing to send
+                    continue
+                topic, prefix = found
+                pos[0 if topic == CURSOR_ALERTS else 1] = offset + 1
+                text = cursors.encode(part_a, pos[0], part_n, pos[1])
+                frames.append(f'{prefix}"cursor":"{text}",')
+            self.router.stats.replayed += len(frames)
+            self._release()
+            return frames
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        """Close the consumer (its threads and buffers) while the session writes a chunk."""
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _open(self) -> Consumer:
+        if self._closed:
+            msg = "replay closed"
+            raise RuntimeError(msg)
+        if self._consumer is None:
+            group = f"keypulse-ws-resume-{uuid.uuid4().hex}"
+            self._consumer = Consumer(consumer_config(
+                self.settings, group_id=group,
+                **{"queued.max.messages.kbytes": PREFETCH_KB, "fetch.queue.backoff.ms": 5,
+                   "fetch.max.bytes": 1_048_576, "max.partition.fetch.bytes": 1_048_576,
+                   # a fetch parked at the log end delays the next chunk's assign this long
+                   "fetch.wait.max.ms": 10}))
+        return self._consumer
+
+    def _scan(self, consumer: Consumer, span: Span, start: int, end: int,
+              visit: Callable[[Any], bool]) -> bool:
+        """`visit` each of the user's messages of `span` at offsets [start, end), in order,
+        until it returns False (then False); ReplayTimeout if Kafka is too slow."""
+        consumer.assign([TopicPartition(span.topic, span.partition, start)])
+        try:
+            deadline = time.monotonic() + self.bounds.timeout
+            position = start
+            while position < end:
+                if time.monotonic() > deadline:
+                    why = f"{span.topic}[{span.partition}] not read up to {end} in time"
+                    raise ReplayTimeout(why)
+                # consume(n, t) waits all of t unless n arrive: wait for one, take the rest
+                batch = consumer.consume(1, 0.2)
+                if batch:
+                    batch.extend(consumer.consume(499, 0))
+                for msg in batch:
+                    if (msg.error() is not None or msg.topic() != span.topic
+                            or msg.partition() != span.partition):
+                        continue
+                    offset = msg.offset() or 0
+                    if offset < position:  # left from an earlier assignment
+                        continue
+                    if offset >= end:
+                        position = end
+                        break
+                    position = offset + 1
+                    if msg.key() == self.key and not visit(msg):
+                        return False
+            return True
+        finally:
+            consumer.unassign()  # drops what was prefetched past `end`
+
+    def _prepare(self, span: Span, msg: Any) -> Routed | None:
+        routed = self.router.prepare(span.kind, self.key, msg.value() or b"", msg.offset() or 0,
+                                     origin=origin_of(msg), timestamp=msg.timestamp()[1])
+        return routed if routed is not None and routed.cursor_topic else None

@@ -4,6 +4,15 @@ Nothing but `authenticated` (or a close) reaches a socket before its token is ve
 The token comes from an `Authorization: Bearer` header on the upgrade, or from the first
 frame, `authenticate {token, resume_from?}`, within `auth_timeout` seconds; anything else
 closes with 4401. Tokens in the query string are refused (they end up in access logs).
+At most `ws_max_pending` sockets wait for authentication at once: beyond, a new socket is
+closed at once with 1013 (try again later).
+
+A token's expiry closes the socket with 4401: a timer for idle sockets, and a check of the
+injected clock before each client frame.
+
+Resume is streamed: the replay's frames are written chunk by chunk ahead of the live
+stream, which waits in the connection's queue (CONNECTING: unwritten) until
+`Connection.start()`.
 """
 
 from __future__ import annotations
@@ -26,15 +35,18 @@ from schemas.ws import (
     MAX_FRAME_BYTES,
     Authenticate,
     Authenticated,
-    ClientFrame,
     ErrorCode,
+    InvalidFrame,
+    ResyncReason,
     ResyncRequired,
+    decode_client_frame,
     frame_prefix,
 )
 from ws_bridge import cursor as cursors
 from ws_bridge.client_events import ClientEvents
 from ws_bridge.connection import (
     CLOSE_FORBIDDEN_ORIGIN,
+    CLOSE_OVERFLOW,
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
     CLOSE_TOO_MANY,
@@ -43,15 +55,18 @@ from ws_bridge.connection import (
 )
 from ws_bridge.limits import TokenBucket
 from ws_bridge.registry import Registry
-from ws_bridge.resume import Span, replay
+from ws_bridge.resume import Bounds, Replay, ReplayTimeout, Span
 from ws_bridge.router import Kind, Router
 from ws_bridge.stats import BridgeStats
 
 logger = logging.getLogger(__name__)
 
-_envelope = msgspec.json.Decoder(ClientFrame)
 _authenticate = msgspec.json.Decoder(Authenticate)
 _QUERY_SECRETS = frozenset({"token", "access_token", "jwt", "auth", "authorization"})
+
+CLOSE_TRY_AGAIN = 1013  # too many sockets waiting to authenticate
+REPLAY_CHUNK_BYTES = 512 * 1024  # a replay chunk: at most this, and the queue bound in frames
+REPLAY_STALL_S = 30.0  # a replayed frame not taken within this closes 4008
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +86,9 @@ class _AuthFailed(Exception):
     pass
 
 
+_NEVER = float("inf")
+
+
 class Sessions:
     """The `/ws` endpoint: `await sessions.serve(websocket)` serves one socket to its end."""
 
@@ -87,6 +105,9 @@ class Sessions:
         self.kafka = kafka
         self.allowed_origins = frozenset(o.rstrip("/") for o in settings.ws_allowed_origins)
         self.resume_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ws-resume")
+        self.resume_bounds = Bounds.of(settings)
+        self.pending = 0  # sockets accepted and not yet authenticated
+        self.expires_at: dict[Connection, float] = {}  # token expiry per open connection
 
     def origin_allowed(self, websocket: WebSocket) -> bool:
         """No Origin (not a browser): allowed. Else it must be listed in
@@ -105,8 +126,15 @@ class Sessions:
             self.stats.rejected_origin += 1
             await websocket.close(CLOSE_FORBIDDEN_ORIGIN)  # before accept: HTTP 403
             return
-        await websocket.accept()
+        if self.pending >= self.settings.ws_max_pending:
+            self.stats.rejected_pending += 1
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                await websocket.accept()  # so that the client sees why: a close code
+            await _close(websocket, CLOSE_TRY_AGAIN, "too many unauthenticated sockets; retry")
+            return
+        self.pending += 1
         try:
+            await websocket.accept()
             async with asyncio.timeout(self.limits.auth_timeout):
                 principal, resume_from = await self._authenticate(websocket)
         except (TimeoutError, AuthError, _AuthFailed) as exc:
@@ -114,8 +142,10 @@ class Sessions:
             reason = "authentication timed out" if isinstance(exc, TimeoutError) else str(exc)
             await _close(websocket, CLOSE_UNAUTHORIZED, reason[:120])
             return
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, RuntimeError, OSError):
             return
+        finally:
+            self.pending -= 1
         await self._serve(websocket, principal, resume_from)
 
     async def _authenticate(self, websocket: WebSocket) -> tuple[Principal, str | None]:
@@ -138,12 +168,12 @@ class Sessions:
             msg = "expected an authenticate frame"
             raise _AuthFailed(msg)
         try:
-            frame = _envelope.decode(text)
+            frame = decode_client_frame(text)
             if frame.event != "authenticate":
                 msg = "the first frame must be authenticate"
                 raise _AuthFailed(msg)
             data = _authenticate.decode(frame.data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (InvalidFrame, msgspec.ValidationError, msgspec.DecodeError):
             msg = "expected an authenticate frame"
             raise _AuthFailed(msg) from None
         return verify_token(self.settings, data.token, clock=self.clock), data.resume_from
@@ -167,8 +197,7 @@ class Sessions:
             baseline = (conn.pos_a, conn.pos_n)
             start = self._resume_start(conn, resume_from)  # moves the floor: no await before
             first = self.authenticated(conn, principal.expires_at, start)
-            conn.seq = 1
-            await websocket.send_text(f'{first}"seq":1}}')
+            await conn.write_now(first)  # seq 1, ahead of anything queued live meanwhile
             if resume_from is not None:
                 await self._resume(conn, start, baseline)
             conn.start()
@@ -177,6 +206,7 @@ class Sessions:
             pass
         finally:
             self.registry.remove(conn)
+            self.expires_at.pop(conn, None)
             if conn.expiry is not None:
                 conn.expiry.cancel()
             conn.stop()
@@ -186,6 +216,7 @@ class Sessions:
         """The `authenticated` frame head; (re)arms the close at token expiry."""
         if conn.expiry is not None:
             conn.expiry.cancel()
+        self.expires_at[conn] = expires_at
         delay = max(0.0, expires_at - self.clock())
         conn.expiry = asyncio.get_running_loop().call_later(
             delay, conn.close, CLOSE_UNAUTHORIZED, "token expired")
@@ -203,37 +234,22 @@ class Sessions:
         try:
             start = cursors.decode(resume_from)
         except cursors.BadCursor:
-            return "invalid_cursor"
+            return ResyncReason.INVALID_CURSOR
         if not self.kafka:
-            return "resume_unavailable"
+            return ResyncReason.RESUME_UNAVAILABLE
         if (start.alerts_partition, start.notifications_partition) != (conn.part_a, conn.part_n):
-            return "partitions_changed"
+            return ResyncReason.PARTITIONS_CHANGED
         conn.pos_a = max(conn.pos_a, start.alerts_offset)
         conn.pos_n = max(conn.pos_n, start.notifications_offset)
         return start
 
     async def _resume(self, conn: Connection, start: cursors.Cursor | str | None,
                       baseline: tuple[int, int]) -> None:
-        reason: str | None = start if isinstance(start, str) else None
-        if isinstance(start, cursors.Cursor):
-            registry = self.registry
-            spans = (
-                Span(registry.alerts_topic, conn.part_a, start.alerts_offset, baseline[0],
-                     Kind.ALERTS),
-                Span(registry.notifications_topic, conn.part_n, start.notifications_offset,
-                     baseline[1], Kind.NOTIFICATIONS),
-            )
-            loop = asyncio.get_running_loop()
-            try:
-                result = await loop.run_in_executor(
-                    self.resume_pool, replay, self.settings, self.router, conn.key, start, spans)
-            except Exception:
-                logger.exception("resume failed for connection %s", conn.connection_id)
-                reason = "replay_failed"
-            else:
-                reason = result.resync
-                conn.queue[0:0] = result.frames
-        if reason is not None:
+        """Replay what the cursor missed, or queue `resync_required` ahead of the live frames
+        (a replay that fails midway also ends with it: the client refetches from there)."""
+        reason = await self._replay(conn, start, baseline) if isinstance(
+            start, cursors.Cursor) else start
+        if reason is not None and conn.close_code is None:
             self.stats.resyncs += 1
             conn.pos_a, conn.pos_n = max(baseline[0], 0), max(baseline[1], 0)
             frame = frame_prefix("resync_required",
@@ -241,16 +257,68 @@ class Sessions:
                                  int(self.clock() * 1000))
             conn.queue.insert(0, frame)
 
+    async def _replay(self, conn: Connection, start: cursors.Cursor,
+                      baseline: tuple[int, int]) -> str | None:
+        """Stream the missed frames to the socket, one chunk read from Kafka at a time, each
+        written (`Connection.write_now`) once the writer takes it, i.e. the peer reads: one
+        chunk in memory, plus what the writer holds (one frame, or its buffer's high-water
+        mark)."""
+        registry = self.registry
+        spans = (
+            Span(registry.alerts_topic, conn.part_a, start.alerts_offset, baseline[0],
+                 Kind.ALERTS),
+            Span(registry.notifications_topic, conn.part_n, start.notifications_offset,
+                 baseline[1], Kind.NOTIFICATIONS),
+        )
+        replay = Replay(self.settings, self.router, conn.key, start, spans, self.resume_bounds)
+        loop = asyncio.get_running_loop()
+        try:
+            reason = await loop.run_in_executor(self.resume_pool, replay.plan)
+            while reason is None and conn.close_code is None and not replay.finished:
+                frames = await loop.run_in_executor(
+                    self.resume_pool, replay.next_chunk, conn.max_queue, REPLAY_CHUNK_BYTES)
+                for prefix in frames:
+                    try:  # past the live frames queued meanwhile, once the writer takes it
+                        written = await asyncio.wait_for(conn.write_now(prefix),
+                                                         REPLAY_STALL_S)
+                    except TimeoutError:
+                        self.stats.closed_overflow += 1
+                        conn.close(CLOSE_OVERFLOW, "replay not taken: resume from your last cursor")
+                        return None
+                    if not written:  # closing: token expired, live queue overflowed
+                        return None
+        except ReplayTimeout:
+            return ResyncReason.REPLAY_TIMEOUT
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            raise
+        except Exception:
+            logger.exception("resume failed for connection %s", conn.connection_id)
+            return ResyncReason.REPLAY_FAILED
+        finally:
+            self._close_later(replay)
+        return reason
+
+    def _close_later(self, replay: Replay) -> None:
+        """Close the replay's consumer off the loop (after a chunk still being read)."""
+        try:
+            self.resume_pool.submit(replay.close)
+        except RuntimeError:  # the pool is shut down: the bridge is stopping
+            replay.close()
+
     async def _receive_loop(self, conn: Connection) -> None:
         websocket = conn.websocket
         limits = self.limits
         handle = self.events.handle
+        expires_at = self.expires_at
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
             if conn.close_code is not None:
                 continue  # closing: drain until the disconnect arrives
+            if self.clock() >= expires_at.get(conn, _NEVER):
+                conn.close(CLOSE_UNAUTHORIZED, "token expired")
+                continue
             text = message.get("text")
             if text is None:
                 data = message.get("bytes") or b""

@@ -25,6 +25,7 @@ class BridgeStats:
         "rate_limited",
         "rejected_cap",
         "rejected_origin",
+        "rejected_pending",
         "replayed",
         "resyncs",
         "stats_coalesced",
@@ -46,6 +47,7 @@ class BridgeStats:
         self.rate_limited: int = 0
         self.rejected_cap: int = 0
         self.rejected_origin: int = 0
+        self.rejected_pending: int = 0
         self.replayed: int = 0
         self.resyncs: int = 0
         self.stats_coalesced: int = 0

@@ -37,10 +37,11 @@ def alert(user: str, n: int = 0) -> bytes:
         fired_at=T0, message=f"alert {n}"))
 
 
-def notification(user: str, n: int = 0) -> bytes:
+def notification(user: str, n: int = 0, message: str = "m", blob: str = "") -> bytes:
+    data = {"n": str(n), "blob": blob} if blob else {"n": str(n)}
     return _enc.encode(Notification(
         notification_id=f"n-{user}-{n}", user_id=user, type=NotificationType.INFO,
-        template="t", title=f"note {n}", message="m", created_at=T0, data={"n": str(n)}))
+        template="t", title=f"note {n}", message=message, created_at=T0, data=data))
 
 
 def apikey(user: str, key_id: str = "k1") -> bytes:
@@ -61,11 +62,14 @@ class TestProducer:
         self.settings = settings
         self.producer = Producer(producer_config(settings, **{"linger.ms": 0}))
         self.partitions: list[tuple[str, int, int]] = []
+        self.ends: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset
 
     def send(self, topic: str, key: str, value: bytes) -> None:
         def delivered(err, msg) -> None:  # type: ignore[no-untyped-def]
             assert err is None, err
             self.partitions.append((msg.key().decode(), msg.partition(), msg.offset()))
+            where = (msg.topic(), msg.partition())
+            self.ends[where] = max(self.ends.get(where, 0), msg.offset() + 1)
 
         self.producer.produce(self.settings.topic(topic), key=key.encode(), value=value,
                               on_delivery=delivered)

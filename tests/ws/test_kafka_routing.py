@@ -1,4 +1,5 @@
-"""Routing from the real broker: each message to its user's connections only."""
+"""Routing from the real broker: each message to its user's connections only; a record whose
+key and value name different users reaches nobody, whatever its kind."""
 
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from core.kafka import consumer_config
+from core.kafka import consumer_config, partition_for
 from core.settings import Settings
 from schemas.events import decode_event
 from schemas.notifications import NotificationMessage, NotificationRead
 from schemas.ws import ApiKeyEvent
 from tests.ws import kafka_helpers as kh
 from tests.ws.harness import expect, login, quiet, recv, send
-from ws_bridge.partition import partition_for
 
 pytestmark = pytest.mark.integration
 
@@ -82,6 +82,51 @@ def test_routing_by_kind(kafka_settings: Settings, bridges) -> None:  # type: ig
     assert server.bridge.stats.messages_skipped >= 1
 
 
+MAKERS = {"usage.stats": lambda u, n: kh.stats(u, window=n),
+          "usage.alerts": kh.alert, "notifications": kh.notification,
+          "apikey.events": lambda u, n: kh.apikey(u, f"{u}:k{n}"), "usage.events": kh.usage}
+
+
+def test_mismatched_key_and_value_reach_nobody(kafka_settings: Settings, bridges) -> None:  # type: ignore[no-untyped-def]
+    """Per kind, records keyed by one connected user with another connected user's value (and
+    the broadcast key with a user's value) are dropped; then each user's own record of the same
+    topic, same partition (so read after them), is the only frame either gets."""
+    server = bridges(kafka_settings)
+    producer = kh.TestProducer(kafka_settings)
+
+    async def main() -> None:
+        conns = {u: (await login(server.url, kafka_settings, u))[0] for u in ("alice", "bob")}
+        for ws in conns.values():
+            await send(ws, "subscribe", {"channels": ["activity"]})
+            await expect(ws, "subscribed")
+        for topic, make in MAKERS.items():
+            producer.send(topic, "bob", make("alice", 1))
+            producer.send(topic, "alice", make("bob", 2))
+            producer.send(topic, "*", make("alice", 3))
+        for topic, make in MAKERS.items():  # the sentinels, after them in each partition
+            for user in conns:
+                producer.send(topic, user, make(user, 9))
+        producer.flush()
+        for user, ws in conns.items():
+            events = []
+            for _ in MAKERS:
+                frame, data = await recv(ws, timeout=10)
+                owner = getattr(data, "user_id", None) or data.api_key_id.split(":")[0]
+                assert owner == user, (user, frame.event, data)
+                events.append(frame.event)
+            assert sorted(events) == sorted(["usage_stats_update", "usage_alert",
+                                             "new_notification", "api_key_update",
+                                             "usage_event"])
+            await quiet(ws, 0.5)
+        for ws in conns.values():
+            await ws.close()
+
+    asyncio.run(main())
+    # counted when decoded: both cross-keyed records of each kind, and the "*"-keyed
+    # notification (other "*"-keyed records are skipped unread: nobody has that key)
+    assert server.bridge.stats.decode_errors == 2 * len(MAKERS) + 1
+
+
 def test_partitioner_matches_the_producer(kafka_settings: Settings) -> None:
     producer = kh.TestProducer(kafka_settings)
     for i in range(50):
@@ -135,11 +180,10 @@ def test_isolation_fuzz(kafka_settings: Settings, bridges) -> None:  # type: ign
     rng = random.Random(7)
     users = [f"u{i:03d}" for i in range(100)]
     absent = [f"x{i:03d}" for i in range(20)]
-    makers = {"usage.stats": lambda u, n: kh.stats(u, window=n),
-              "usage.alerts": kh.alert, "notifications": kh.notification,
-              "apikey.events": lambda u, n: kh.apikey(u, f"{u}:k{n}"), "usage.events": kh.usage}
+    makers = MAKERS
     expected: dict[str, int] = defaultdict(int)
     sent: list[tuple[str, str]] = []
+    mismatched = 0
 
     async def main() -> None:
         conns = {}
@@ -150,9 +194,15 @@ def test_isolation_fuzz(kafka_settings: Settings, bridges) -> None:  # type: ign
         for u in users[:50]:
             await send(conns[u], "subscribe", {"channels": ["activity"]})
             await expect(conns[u], "subscribed")
+        nonlocal mismatched
         for n in range(600):
             user = rng.choice(users + absent)
             topic = rng.choice(list(makers))
+            if rng.random() < 0.25:  # keyed by `user`, valued for someone else: for nobody
+                other = rng.choice([u for u in (*users[:5], *absent[:2], "*") if u != user])
+                producer.send(topic, user, makers[topic](other, n))
+                mismatched += 1
+                continue
             producer.send(topic, user, makers[topic](user, n))
             if user in conns and (topic != "usage.events" or user in users[:50]):
                 expected[user] += 1
@@ -176,3 +226,4 @@ def test_isolation_fuzz(kafka_settings: Settings, bridges) -> None:  # type: ign
             await ws.close()
 
     asyncio.run(main())
+    assert mismatched > 100

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 from core.settings import Settings
 from schemas.events import decode_event
 from schemas.notifications import NotificationRead
-from schemas.ws import CLIENT_EVENTS, SERVER_EVENTS, ApiKeyEvent
+from schemas.ws import CLIENT_EVENTS, MAX_NESTING, SERVER_EVENTS, ApiKeyEvent, client_frame
 from tests.ws.harness import ListSink, expect, login, open_ws, quiet, send, token
 from ws_bridge import Limits
 
@@ -222,3 +222,96 @@ def test_server_frames_are_typed() -> None:
                                                        service="s", name="n", at=now), 5)
     frame, data = decode_server_frame(text + '"seq":3}')
     assert (frame.event, frame.seq, frame.ts, data.api_key_id) == ("api_key_update", 3, 5, "k")
+
+
+def _nested(depth: int, open_only: bool = False) -> str:
+    return "[" * depth + ("" if open_only else "]" * depth)
+
+
+def test_deep_nesting_is_an_invalid_frame(unit_settings: Settings, bridges) -> None:  # type: ignore[no-untyped-def]
+    """Nesting of any depth (up to the frame size) earns `invalid_frame` and the socket stays
+    open; MAX_NESTING levels in all are accepted. As the first frame: a clean 4401."""
+    sink = ListSink()
+    server = bridges(unit_settings, kafka=False, sink=sink)
+    ok_data = {"nonce": None}
+    ok = json.dumps({"event": "ping", "data": ok_data})
+    deepest_ok = '{"event":"track_usage","data":' + json.dumps(
+        {**EVENT, "x": json.loads(_nested(MAX_NESTING - 2))}) + "}"
+    junk = [
+        '{"event":"ping","data":' + _nested(1000) + "}",
+        '{"event":"ping","data":' + _nested(30_000) + "}",
+        '{"event":"ping","data":' + _nested(5000, open_only=True),
+        _nested(32_000),
+        '{"event":"track_usage","data":' + json.dumps(
+            {**EVENT, "x": json.loads(_nested(MAX_NESTING - 1))}) + "}",
+        '{"event":"api_key_created","data":{"api_key_id":"k","service":"s","name":'
+        + '{"a":' * 1000 + "1" + "}" * 1000 + "}}",
+    ]
+
+    async def main() -> None:
+        ws, _ = await login(server.url, unit_settings, "alice")
+        for text in junk:
+            assert len(text.encode()) <= 64 * 1024
+            await ws.send(text)
+            _, err = await expect(ws, "error")
+            assert err.code == "invalid_frame" and "nested deeper" in err.message, text[:40]
+        await ws.send(ok)
+        await expect(ws, "pong")
+        await ws.send(deepest_ok)  # accepted: produced (its extra field is ignored)
+        await send(ws, "ping", {"nonce": "still open"})
+        _, pong = await expect(ws, "pong")
+        assert pong.nonce == "still open"
+        await ws.close()
+
+        ws = await open_ws(server.url)
+        await ws.send('{"event":"authenticate","data":' + _nested(20_000) + "}")
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 5)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 4401
+
+    asyncio.run(main())
+    assert len(sink.messages) == 1
+
+
+def test_pending_sockets_are_capped(unit_settings: Settings, bridges) -> None:  # type: ignore[no-untyped-def]
+    """At most ws_max_pending sockets wait to authenticate; the next is closed at once with
+    1013; a slot frees when a pending socket authenticates or leaves."""
+    settings = unit_settings.model_copy(update={"ws_max_pending": 3})
+    server = bridges(settings, kafka=False, limits=Limits(auth_timeout=30))
+    sessions = server.bridge.sessions
+
+    async def refused() -> int:
+        ws = await open_ws(server.url)
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 2)
+        assert info.value.rcvd is not None
+        return info.value.rcvd.code
+
+    async def main() -> None:
+        waiting = [await open_ws(server.url) for _ in range(3)]
+        assert sessions.pending == 3
+        assert await refused() == 1013
+        await waiting[0].send(client_frame("authenticate", {"token": token(settings, "alice")}))
+        await expect(waiting[0], "authenticated")  # authenticated: no longer pending
+        assert sessions.pending == 2
+        ws = await open_ws(server.url)
+        assert sessions.pending == 3
+        assert await refused() == 1013
+        await waiting[1].close()  # left: its slot frees
+        for _ in range(100):
+            if sessions.pending == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sessions.pending == 2
+        await send(ws, "authenticate", {"token": token(settings, "bob")})
+        await expect(ws, "authenticated")
+        for other in (ws, waiting[0], waiting[2]):
+            await other.close()
+        for _ in range(100):
+            if sessions.pending == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert sessions.pending == 0
+
+    asyncio.run(main())
+    assert server.bridge.stats.rejected_pending == 2

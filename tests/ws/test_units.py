@@ -1,4 +1,5 @@
-"""Pure units: queue policy, cursors, partitioner, limits, secret detection."""
+"""Pure units: queue policy, cursors, partitioner, limits, secret detection, the router's
+key-versus-user check for every message kind."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ from typing import Any
 import pytest
 
 from core.clock import ManualClock
+from core.kafka import murmur2, partition_for
+from core.settings import Settings
+from schemas.ws import MAX_NESTING, InvalidFrame, decode_client_frame
+from tests.ws import kafka_helpers as kh
 from ws_bridge import cursor
 from ws_bridge.connection import CLOSE_OVERFLOW, CURSOR_ALERTS, CURSOR_NOTIFICATIONS, Connection
-from ws_bridge.limits import TokenBucket, looks_like_secret, secret_field_name
-from ws_bridge.partition import murmur2, partition_for
+from ws_bridge.key_secrets import find_secret, looks_like_secret, secret_field_name
+from ws_bridge.limits import TokenBucket
+from ws_bridge.registry import Registry
+from ws_bridge.router import Kind, Mode, Router
 from ws_bridge.stats import BridgeStats
 
 
@@ -137,8 +144,58 @@ def test_secret_detection() -> None:
                   "3f2b1c4e9a7d4e2b8c1d0a9b8c7d6e5f", "my-production-key-for-billing",
                   "key_123"):
         assert not looks_like_secret(value), value
+    assert find_secret({"api_key_id": "k", "name": "prod"}, allowed) is None
+    assert "looks like a key secret" in (find_secret({"password": "x"}, allowed) or "")
+    nested = {"name": "n", "meta": {"deep": ["sk-abcdefghijkl"]}}
+    assert "holds what looks like" in (find_secret(nested, allowed) or "")
 
 
 def test_stats_snapshot() -> None:
     snap: dict[str, Any] = BridgeStats().snapshot()
     assert snap["consumer_lag"] == -1 and snap["frames_out"] == 0
+
+
+VALUES = {Kind.STATS: kh.stats, Kind.ALERTS: kh.alert, Kind.NOTIFICATIONS: kh.notification,
+          Kind.API_KEYS: kh.apikey, Kind.ACTIVITY: kh.usage}
+
+
+@pytest.mark.parametrize("kind", list(Kind), ids=lambda k: k.name)
+def test_router_refuses_a_value_for_another_user(kind: Kind, unit_settings: Settings) -> None:
+    """For every kind, a record whose key and value name different users is not deliverable."""
+    stats = BridgeStats()
+    router = Router(unit_settings, Registry(max_per_user=3, alerts_topic="a",
+                                            notifications_topic="n"), stats, ManualClock())
+    value = VALUES[kind]("alice")
+    routed = router.prepare(kind, b"alice", value, 7)
+    assert routed is not None and routed.user_id == "alice"
+    assert router.prepare(kind, b"bob", value, 8) is None
+    assert router.prepare(kind, b"*", value, 9) is None  # not a broadcast either
+    assert router.prepare(kind, b"alice", VALUES[kind]("bob"), 10) is None
+    assert stats.decode_errors == 3
+
+
+def test_router_broadcasts_only_a_system_notification(unit_settings: Settings) -> None:
+    stats = BridgeStats()
+    router = Router(unit_settings, Registry(max_per_user=3, alerts_topic="a",
+                                            notifications_topic="n"), stats, ManualClock())
+    routed = router.prepare(Kind.NOTIFICATIONS, b"*", kh.notification("*"), 1)
+    assert routed is not None and routed.mode is Mode.BROADCAST
+    assert router.prepare(Kind.NOTIFICATIONS, b"alice", kh.notification("*"), 2) is None
+    assert stats.decode_errors == 1
+
+
+def test_one_client_frame_decoder_bounds_nesting() -> None:
+    def frame(depth: int) -> str:  # `depth` levels in all, the envelope included
+        return '{"event":"ping","data":' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+    assert decode_client_frame(frame(MAX_NESTING)).event == "ping"
+    assert decode_client_frame(frame(MAX_NESTING).encode()).event == "ping"
+    for text in (frame(MAX_NESTING + 1), frame(1000), "[" * 50_000, "{" * 40):
+        with pytest.raises(InvalidFrame, match="nested deeper"):
+            decode_client_frame(text)
+    # brackets inside strings (escaped quotes too) are text, not nesting
+    quoted = '{"event":"ping","data":{"nonce":"' + '[{\\"' * 100 + '"}}'
+    assert decode_client_frame(quoted).event == "ping"
+    for junk in ("", "{", "[]", '{"data":{}}', '{"event":5}', "\ud800"):
+        with pytest.raises(InvalidFrame):
+            decode_client_frame(junk)
