@@ -2,9 +2,16 @@
 
 Every id is in one set (O(1) lookups) and in the list of its bucket: one minute of event
 time. A bucket is dropped when the newest event time seen is more than the horizon past the
-bucket's end, so memory follows event time, not wall time. A cap bounds memory under any
-load: past it the oldest buckets go early (`evicted_early` counts the ids that left before
-their horizon).
+bucket's end, so memory follows event time, not wall time; that event time never passes wall
+time + the clock-skew bound (`bound`), so one event dated 2099 cannot expire everyone's ids.
+A cap bounds memory under any load: `KEYPULSE_DEDUP_MAX_IDS` is a total over the events
+topic's partitions, and each partition's deduplicator gets its share (the total divided by
+the partitions, rounded up). Past it the oldest buckets go early (`evicted_early` counts the
+ids that left before their horizon).
+
+The rule itself (duplicate or not, which bucket, when a bucket is too old to open) is applied
+by the processor's per-event loop, its only implementation; `tests/unit/pipeline/oracle.py`
+restates it plainly and a property test holds the two together.
 
 Persistence. Bytewax writes a step's whole state at every snapshot, so a million ids in the
 state would be pickled and written every epoch. Instead each partition appends the ids that
@@ -112,46 +119,40 @@ class IdLog:
         return frames
 
 
-def id_key(user_id: str, event_id: str) -> str:
-    """What the set holds: ids are unique per user, joined by 0x1F (unit separator)."""
-    return f"{user_id}\x1f{event_id}"
-
-
 class Deduplicator:
-    __slots__ = ("_all", "_buckets", "_logged", "cap", "evicted_early", "horizon_ms", "log",
+    """The dedup state of one partition; the processor's per-event loop applies the rule.
+
+    The loop's API, documented because the loop inlines it for speed:
+    - `ids`: every kept id: the user_id and the event_id joined by 0x1F, the unit separator
+      (ids are unique per user). An id in it is a duplicate.
+    - `max_ts_ms`: the newest event time recorded. The loop keeps it in a local and writes it
+      back before each `bucket()` call (which compares against it) and at the end of a batch.
+    - `bucket(ts_ms)`: the id list of `ts_ms`'s bucket, or None when ids that old are not
+      kept; a new id goes into both `ids` and that list.
+    - `expire()` once per batch; `bound(newest_ms)` once per batch, before the loop.
+    """
+
+    __slots__ = ("_buckets", "_logged", "cap", "evicted_early", "horizon_ms", "ids", "log",
                  "max_ts_ms")
 
     def __init__(self, horizon_ms: int, cap: int, log: IdLog | None = None) -> None:
         self.horizon_ms = horizon_ms
         self.cap = cap
         self.log = log
-        self._all: set[str] = set()
+        self.ids: set[str] = set()
         self._buckets: dict[int, list[str]] = {}
         self._logged: dict[int, int] = {}  # bucket → how many of its ids the log holds
         self.max_ts_ms = 0
         self.evicted_early = 0
 
     def __len__(self) -> int:
-        return len(self._all)
+        return len(self.ids)
 
-    @property
-    def ids(self) -> set[str]:
-        """Every kept id (`id_key`); the processor's hot loop applies `seen` inline."""
-        return self._all
-
-    def seen(self, user_id: str, event_id: str, ts_ms: int) -> bool:
-        """True if this (user, event_id) was seen within the horizon; records it otherwise."""
-        key = id_key(user_id, event_id)
-        if key in self._all:
-            return True
-        ids = self.bucket(ts_ms)
-        if ids is None:
-            return False
-        ids.append(key)
-        self._all.add(key)
-        if ts_ms > self.max_ts_ms:
-            self.max_ts_ms = ts_ms
-        return False
+    def bound(self, newest_ms: int) -> None:
+        """Expiry follows event time no later than `newest_ms` (wall time + the clock-skew
+        bound): admission keeps new ids within it; this brings back an older snapshot's."""
+        if self.max_ts_ms > newest_ms:
+            self.max_ts_ms = newest_ms
 
     def bucket(self, ts_ms: int) -> list[str] | None:
         """The ids of `ts_ms`'s bucket, opened if new; None when ids that old are not kept."""
@@ -178,17 +179,17 @@ class Deduplicator:
             if bucket + BUCKET_MS >= limit:
                 break
             self._drop(bucket)
-        if len(self._all) > self.cap:
+        if len(self.ids) > self.cap:
             self._evict_oldest()
 
     def _evict_oldest(self) -> None:
-        while len(self._all) > self.cap and len(self._buckets) > 1:
+        while len(self.ids) > self.cap and len(self._buckets) > 1:
             oldest = min(self._buckets)
             self.evicted_early += len(self._buckets[oldest])
             self._drop(oldest)
 
     def _drop(self, bucket: int) -> None:
-        self._all.difference_update(self._buckets.pop(bucket))
+        self.ids.difference_update(self._buckets.pop(bucket))
         self._logged.pop(bucket, None)
 
     # -- recovery ------------------------------------------------------------------------
@@ -199,7 +200,7 @@ class Deduplicator:
         if self.log is None:
             state["buckets"] = {b: list(ids) for b, ids in self._buckets.items()}
             return state
-        if self.log.generation == 0 or self.log.ids > 2 * len(self._all) + 100_000:
+        if self.log.generation == 0 or self.log.ids > 2 * len(self.ids) + 100_000:
             self.log.start(self._buckets)  # a new generation: the live ids only
         else:
             self.log.append([(b, ids[self._logged.get(b, 0):]) for b, ids in
@@ -215,9 +216,6 @@ class Deduplicator:
         dedup = cls(horizon_ms, cap, log)
         if "buckets" in state:
             frames = list(state["buckets"].items())
-        elif "blobs" in state:  # written by keypulse 0.1, which pickled chunks of ids
-            frames = [(bucket, pickle.loads(blob))
-                      for (bucket, _index), blob in sorted(state["blobs"].items())]
         elif log is not None:
             frames = log.load(*state["log"])
         else:
@@ -225,7 +223,7 @@ class Deduplicator:
             raise RuntimeError(msg)
         for bucket, ids in frames:
             dedup._buckets.setdefault(bucket, []).extend(ids)
-            dedup._all.update(ids)
+            dedup.ids.update(ids)
         if log is not None and log.generation:
             dedup._logged = {b: len(ids) for b, ids in dedup._buckets.items()}
         dedup.max_ts_ms = state["max_ts_ms"]

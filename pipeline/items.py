@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:  # annotations only: importing alerting here would load it with the source
+    from pipeline.alerting.incidents import IncidentInput
+    from pipeline.alerting.rules import RuleChange
+    from schemas.alerts import Alert
+    from schemas.notifications import Notification
+    from schemas.stats import StatsRecord
 
 
 class SourceBatch(NamedTuple):
@@ -13,13 +20,16 @@ class SourceBatch(NamedTuple):
     """
 
     partition: int
-    records: list[tuple[int, bytes | None, bytes]]  # (offset, key, value)
+    records: list[tuple[int, bytes | None, bytes | None]]  # (offset, key, value); None: null
     wall_ms: int
     caught_up: bool
 
 
 class DeadLetter(NamedTuple):
-    value: bytes
+    """A record for `usage.events.dlq`: the source record's key and value as they were (a
+    None value is a tombstone and stays one), why, and where it came from."""
+
+    value: bytes | None
     key: bytes | None
     reason: str
     partition: int
@@ -29,7 +39,7 @@ class DeadLetter(NamedTuple):
 class RuleUpdates(NamedTuple):
     """Decoded `alert.rules` changes, broadcast to every partition's processor."""
 
-    changes: list[Any]  # pipeline.alerting.rules.RuleChange
+    changes: list[RuleChange]
 
 
 class EventRows(NamedTuple):
@@ -49,12 +59,12 @@ class PartitionOutput(NamedTuple):
 
     partition: int
     event_rows: list[EventRows]
-    stats: list[Any]  # schemas.stats.StatsRecord
+    stats: list[StatsRecord]
     dead_letters: list[DeadLetter]
-    alerts: list[Any]  # schemas.alerts.Alert
-    notifications: list[Any]  # schemas.notifications.Notification
-    signals: list[Any]  # pipeline.alerting.incidents.IncidentSignal
-    rule_rows: list[tuple[Any, ...]]  # alert_rules rows
+    alerts: list[Alert]
+    notifications: list[Notification]
+    signals: list[IncidentInput]  # to the incident step, routed by service
+    rule_rows: list[tuple[Any, ...]]  # alert_rules rows (pipeline.rows.rule_row)
 
     @classmethod
     def empty(cls, partition: int = -1) -> PartitionOutput:

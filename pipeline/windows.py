@@ -5,6 +5,12 @@ wall time only while the partition is caught up (its consumer has no backlog), a
 wall time that passed *in this run* while caught up: a crash, a restart or a stalled sink
 therefore never turns a backlog into late events, yet a quiet key's last window still
 closes. Windows are aligned to the Unix epoch and close when the watermark passes their end.
+No event time counts past wall time + the clock-skew bound (`Watermark.bound`), so one event
+dated 2099 cannot make the rest of its partition late.
+
+The rules themselves (window assignment, lateness, the watermark's step per event) live in
+one place, the processor's per-event loop; `tests/unit/pipeline/oracle.py` restates them
+plainly and a property test holds the two together.
 
 Percentiles are exact: each open window keeps its latencies in an `array('d')` (8 bytes per
 event, only while the window is open) and sorts them once at close. At the event rates of one
@@ -19,16 +25,25 @@ import math
 from array import array
 from bisect import bisect_left
 from datetime import UTC, datetime
-from typing import Any
 
 from schemas.events import UsageEvent
 from schemas.stats import StatsRecord
 
 NEG_INF = -(2**62)
 NO_WINDOW = 2**62  # a window start later than any: "no window" where a minimum is kept
+UINT64_MAX = 2**64 - 1  # ClickHouse's UInt64: window sums saturate here rather than wrap
 
 
 class Watermark:
+    """The event-time watermark of one partition: state the processor's loop reads and writes.
+
+    `value` is the watermark and `max_event_ms` the newest event time counted in a window.
+    The loop copies both into locals once per batch and writes them back once at its end; per
+    counted event it applies the rule `if ts > max_event_ms: max_event_ms = ts; value =
+    max(value, ts - lateness_ms)`. Between batches, `observe_wall` advances it with wall time
+    and `bound` holds it to wall time + the clock-skew bound.
+    """
+
     __slots__ = ("caught_up", "last_wall_ms", "lateness_ms", "max_event_ms", "run_id", "value")
 
     def __init__(self, lateness_ms: int) -> None:
@@ -38,14 +53,6 @@ class Watermark:
         self.last_wall_ms = 0
         self.caught_up = False
         self.run_id = ""
-
-    def observe_event(self, ts_ms: int) -> None:
-        # PartitionProcessor._process applies this same rule inline, in locals (hot path).
-        if ts_ms > self.max_event_ms:
-            self.max_event_ms = ts_ms
-            candidate = ts_ms - self.lateness_ms
-            if candidate > self.value:
-                self.value = candidate
 
     def observe_wall(self, wall_ms: int, caught_up: bool, run_id: str) -> None:
         """Advance by the wall time that passed while caught up, within one run."""
@@ -60,6 +67,32 @@ class Watermark:
         self.last_wall_ms = wall_ms
         self.caught_up = caught_up
         self.run_id = run_id
+
+    def bound(self, newest_ms: int) -> None:
+        """No event time past `newest_ms` (the batch's wall time + the clock-skew bound).
+
+        Admission keeps every counted event within it, and advancing with wall time keeps
+        the bound; this brings back what came from elsewhere: a snapshot whose watermark a
+        2099 event had moved (before admission existed), or a wall clock set back.
+        """
+        if self.max_event_ms > newest_ms:
+            self.max_event_ms = newest_ms
+        if self.value > newest_ms - self.lateness_ms:
+            self.value = newest_ms - self.lateness_ms
+
+    def state(self) -> tuple[int, int, int, bool, str]:
+        """What a snapshot keeps (the lateness comes from the configuration)."""
+        return (self.value, self.max_event_ms, self.last_wall_ms, self.caught_up, self.run_id)
+
+    @classmethod
+    def from_state(cls, lateness_ms: int, state: tuple[int, int, int, bool, str]) -> Watermark:
+        watermark = cls(lateness_ms)
+        (watermark.value, watermark.max_event_ms, watermark.last_wall_ms, watermark.caught_up,
+         watermark.run_id) = state
+        return watermark
+
+
+AccState = tuple[float, "array[float]", "array[int]", int, int]
 
 
 class WindowAcc:
@@ -88,27 +121,21 @@ class WindowAcc:
         if event.cost_usd:
             self.cost_usd += event.cost_usd
 
-    def __getstate__(self) -> tuple[object, ...]:  # snapshots pickle thousands of these
+    def state(self) -> AccState:
+        """What a snapshot keeps: plain values (snapshots hold thousands of these)."""
         return (self.cost_usd, self.latencies, self.statuses, self.tokens_in, self.tokens_out)
 
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        if len(state) == 9:  # keypulse 0.1 kept counts: statuses that count the same
-            (client, self.cost_usd, self.latencies, _max, _sum, server, ok, self.tokens_in,
-             self.tokens_out) = state
-            self.statuses = array("H", [200] * ok + [400] * client + [500] * server)
-            return
-        (self.cost_usd, self.latencies, self.statuses, self.tokens_in,
-         self.tokens_out) = state
+    @classmethod
+    def from_state(cls, state: AccState) -> WindowAcc:
+        acc = cls.__new__(cls)
+        (acc.cost_usd, acc.latencies, acc.statuses, acc.tokens_in, acc.tokens_out) = state
+        return acc
 
 
 def nearest_rank(sorted_values: list[float], q: float) -> float:
     """The q-quantile by nearest rank: the smallest value with at least q of the data ≤ it."""
     n = len(sorted_values)
     return sorted_values[max(0, math.ceil(q * n) - 1)]
-
-
-def window_start(ts_ms: int, window_ms: int) -> int:
-    return ts_ms - ts_ms % window_ms
 
 
 def close_window(
@@ -147,8 +174,9 @@ def close_window(
         latency_p95_ms=nearest_rank(ordered, 0.95),
         latency_p99_ms=nearest_rank(ordered, 0.99),
         latency_max_ms=ordered[-1],
-        tokens_in=acc.tokens_in,
-        tokens_out=acc.tokens_out,
+        # Sums saturate: the same record goes to Kafka and to ClickHouse's UInt64 columns.
+        tokens_in=min(acc.tokens_in, UINT64_MAX),
+        tokens_out=min(acc.tokens_out, UINT64_MAX),
         cost_usd=round(acc.cost_usd, 9),
     )
 

@@ -16,6 +16,7 @@ from pipeline.processor import ProcessorConfig
 from schemas.alerts import AlertRule, Metric, Op
 
 T = 1_700_000_000_000
+WALL = T + 300_000  # the source's clock: every event below is in its past (admitted)
 CONFIG = ProcessorConfig(window_seconds=10, allowed_lateness_seconds=0)
 
 
@@ -43,12 +44,12 @@ def run(
 ) -> list[PartitionOutput]:
     out: list[tuple[str, PartitionOutput]] = []
     events = TestingSource(
-        [SourceBatch(0, [(i, None, r) for i, r in enumerate(records)], 0, False)]
+        [SourceBatch(0, [(i, None, r) for i, r in enumerate(records)], WALL, False)]
     )
     rule_source = None
     if rules is not None:
         rule_source = TestingSource(
-            [SourceBatch(0, [(i, k, v) for i, (k, v) in enumerate(rules)], 0, False)]
+            [SourceBatch(0, [(i, k, v) for i, (k, v) in enumerate(rules)], WALL, False)]
         )
     run_main(
         build_flow(
@@ -123,11 +124,29 @@ def test_a_rule_from_alert_rules_replaces_the_default() -> None:
     ]
 
 
-def test_provider_incident_is_one_system_notification() -> None:
+def incidents_in(outputs: list[PartitionOutput]) -> list[Any]:
+    return [n for o in outputs for n in o.notifications if n.template == "provider_incident"]
+
+
+def test_fresh_accounts_cannot_raise_a_provider_incident() -> None:
     records = error_burst("u1", "u2", "u3", "u4")
     records += window_events("u1", T + 200_000, 1, 0)
     outputs = run(records)
-    incidents = [n for o in outputs for n in o.notifications if n.template == "provider_incident"]
+    assert {a[0] for a in alerts_of(outputs)} >= {f"default:u{i}:error_rate" for i in range(1, 5)}
+    assert incidents_in(outputs) == []  # all four fire, none has traffic history
+
+
+def test_provider_incident_is_one_system_notification() -> None:
+    # ten users with 30 clean windows of history (IncidentConfig's defaults), then four of
+    # them see 20 % of 5xx for three windows
+    records: list[bytes] = []
+    for w in range(38):
+        for i in range(10):
+            errors = 4 if 32 <= w <= 34 and 1 <= i <= 4 else 0
+            records += window_events(f"u{i}", T + w * 10_000, 20, errors)
+    records += window_events("u1", T + 600_000, 1, 0)
+    outputs = run(records)
+    incidents = incidents_in(outputs)
     assert len(incidents) == 1
     assert incidents[0].user_id == "*"
     assert incidents[0].message.startswith("openai: 3 users see 5xx rates")
@@ -145,7 +164,7 @@ def test_alerts_follow_their_stats_and_survive_a_snapshot_in_between() -> None:
 
     records = error_burst() + window_events("alice", T + 200_000, 1, 0)
     processor = PartitionProcessor(CONFIG, None, AlertingHook)
-    batch = SourceBatch(0, [(i, None, r) for i, r in enumerate(records)], 0, False)
+    batch = SourceBatch(0, [(i, None, r) for i, r in enumerate(records)], WALL, False)
     [closing], _ = processor.on_batch([batch])
     assert len(closing.stats) == 8 and closing.alerts == []  # the stats leave first
     # A snapshot taken before the next batch carries the windows still to evaluate.

@@ -44,13 +44,16 @@ def batch(
     first_offset: int = 0,
     partition: int = 0,
 ) -> SourceBatch:
+    """`wall`: the source's clock, in ms after T (events up to 5 minutes after it are
+    admitted)."""
     return SourceBatch(
-        partition, [(first_offset + i, b"u1", r) for i, r in enumerate(records)], wall, caught_up
+        partition, [(first_offset + i, b"u1", r) for i, r in enumerate(records)], T + wall,
+        caught_up,
     )
 
 
 def tick(wall: int, partition: int = 0) -> SourceBatch:
-    return SourceBatch(partition, [], wall, True)
+    return SourceBatch(partition, [], T + wall, True)
 
 
 def run(items: list[SourceBatch], config: ProcessorConfig = CONFIG) -> list[PartitionOutput]:

@@ -1,15 +1,27 @@
-"""Stats math, exact percentiles, window assignment and the watermark, with no clock at all."""
+"""Stats math, exact percentiles, saturating sums, window assignment and the watermark, with
+no clock at all (window assignment and the watermark's per-event rule through the
+processor's loop, their one implementation)."""
 
 from __future__ import annotations
 
 import math
-import pickle
 import random
 
+import msgspec
 import pytest
 
-from pipeline.windows import NEG_INF, Watermark, WindowAcc, close_window, nearest_rank, window_start
+from core.clock import to_ms
+from pipeline.processor import ProcessorConfig
+from pipeline.windows import (
+    NEG_INF,
+    UINT64_MAX,
+    Watermark,
+    WindowAcc,
+    close_window,
+    nearest_rank,
+)
 from schemas.events import UsageEvent
+from tests.unit.pipeline.support import Driver, T, event
 
 
 def call(
@@ -92,14 +104,16 @@ def test_stats_record_fields() -> None:
 @pytest.mark.parametrize(
     ("ts", "start"),
     [
-        (1_700_000_000_000, 1_700_000_000_000),  # exactly on a boundary: that window
-        (1_700_000_009_999, 1_700_000_000_000),  # last millisecond of it
-        (1_700_000_010_000, 1_700_000_010_000),  # the next window starts at its end
-        (0, 0),
+        (T, T),  # exactly on a boundary: that window
+        (T + 9_999, T),  # last millisecond of it
+        (T + 10_000, T + 10_000),  # the next window starts at its end
     ],
 )
 def test_window_assignment_at_boundaries(ts: int, start: int) -> None:
-    assert window_start(ts, 10_000) == start
+    driver = Driver(ProcessorConfig(window_seconds=10, allowed_lateness_seconds=0))
+    driver.send(event("e", ts))
+    (stats,) = driver.send(event("far", T + 60_000)).stats
+    assert to_ms(stats.window_start) == start and to_ms(stats.window_end) == start + 10_000
 
 
 def test_nearest_rank_small() -> None:
@@ -108,18 +122,19 @@ def test_nearest_rank_small() -> None:
 
 
 def test_watermark_follows_event_time() -> None:
-    wm = Watermark(lateness_ms=5000)
-    assert wm.value == NEG_INF
-    wm.observe_event(100_000)
-    assert wm.value == 95_000
-    wm.observe_event(90_000)  # out of order: never moves back
-    assert wm.value == 95_000
+    driver = Driver(ProcessorConfig(allowed_lateness_seconds=5))
+    watermark = driver.processor.watermark
+    assert watermark.value == NEG_INF
+    driver.send(event("a", T + 10_000))
+    assert (watermark.value, watermark.max_event_ms) == (T + 5_000, T + 10_000)
+    driver.send(event("b", T + 8_000))  # out of order: never moves back
+    assert watermark.value == T + 5_000
 
 
 def test_watermark_advances_with_wall_time_only_while_caught_up() -> None:
     wm = Watermark(lateness_ms=5000)
     wm.observe_wall(1_000, caught_up=False, run_id="a")
-    wm.observe_event(100_000)
+    wm.value, wm.max_event_ms = 95_000, 100_000  # as the loop leaves them
     wm.observe_wall(2_000, caught_up=False, run_id="a")  # backlog: wall time does not count
     assert wm.value == 95_000
     wm.observe_wall(3_000, caught_up=True, run_id="a")  # just caught up: starts counting
@@ -132,19 +147,32 @@ def test_watermark_advances_with_wall_time_only_while_caught_up() -> None:
 
 def test_watermark_ignores_downtime_across_a_resume() -> None:
     wm = Watermark(lateness_ms=5000)
-    wm.observe_event(100_000)
+    wm.value, wm.max_event_ms = 95_000, 100_000
     wm.observe_wall(1_000, caught_up=True, run_id="before-crash")
-    restored = pickle.loads(pickle.dumps(wm))
+    restored = Watermark.from_state(5000, wm.state())
     restored.observe_wall(3_600_000, caught_up=True, run_id="after-restart")  # an hour later
     assert restored.value == 95_000  # the backlog after a restart is not "late"
     restored.observe_wall(3_601_000, caught_up=True, run_id="after-restart")
     assert restored.value == 96_000
 
 
-def test_accumulators_from_keypulse_0_1_snapshots_close_the_same() -> None:
+def test_bound_brings_a_future_watermark_back_to_wall_time_plus_skew() -> None:
+    wm = Watermark(lateness_ms=5000)
+    wm.value, wm.max_event_ms = 4_070_908_795_000, 4_070_908_800_000  # a 2099 event's
+    wm.bound(T + 300_000)
+    assert (wm.value, wm.max_event_ms) == (T + 295_000, T + 300_000)
+    wm.bound(T + 400_000)  # a later bound never moves it forward
+    assert (wm.value, wm.max_event_ms) == (T + 295_000, T + 300_000)
+    empty = Watermark(lateness_ms=5000)
+    empty.bound(T)
+    assert (empty.value, empty.max_event_ms) == (NEG_INF, NEG_INF)
+
+
+def test_window_sums_saturate_at_uint64_max() -> None:
     acc = WindowAcc()
-    for status, latency in [(200, 10.0), (404, 30.0), (503, 20.0), (201, 5.0)]:
-        acc.add(call(status, latency, 2, 3, 0.5))
-    old = WindowAcc.__new__(WindowAcc)  # the 0.1 layout: counts and running sums
-    old.__setstate__((1, 2.0, acc.latencies, 30.0, 65.0, 1, 2, 8, 12))
-    assert close_window("u", "s", 0, 10_000, old) == close_window("u", "s", 0, 10_000, acc)
+    for _ in range(2049):  # 2,049 × 2**53 > 2**64 - 1
+        acc.add(call(200, 1.0, tokens_in=2**53, tokens_out=2**53))
+    stats = close_window("u", "s", 0, 10_000, acc)
+    assert stats.tokens_in == stats.tokens_out == UINT64_MAX == 2**64 - 1
+    # The same value on Kafka (the JSON) as in ClickHouse's UInt64 column.
+    assert msgspec.json.decode(msgspec.json.encode(stats))["tokens_in"] == 2**64 - 1
