@@ -8,10 +8,13 @@ What the dataflow calls:
   per closed window; each alert → `usage.alerts` / `alerts`, and `notification_for(alert)`
   → `notifications`.
 * `AlertEvaluator.on_idle(watermark_ms)` → `list[Alert]`, whenever event time advances.
-* `incident_signal(evaluator, stats)` → route by service → `IncidentCounter.on_signal`
-  → an optional system-wide `Notification`.
+* `incident_signal(evaluator, stats)` and `TrafficHistory` (only users with real traffic
+  history count) → `IncidentSignal` / `PopulationChange` → route by service →
+  `IncidentCounter.on_item` → an optional system-wide `Notification`.
+* `AlertEvaluator.prune` / `TrafficHistory.prune` / `RuleBook.age_cache`: idle keys' state
+  goes, so per-(user, service) state stays bounded.
 
-`AlertingHook` (hook.py) packages the first four for the partition processor.
+`AlertingHook` (hook.py) packages all but the counter for the partition processor.
 """
 
 from pipeline.alerting.anomaly import AnomalyConfig, AnomalyDetector, AnomalyScore
@@ -20,7 +23,10 @@ from pipeline.alerting.hook import AlertingHook
 from pipeline.alerting.incidents import (
     IncidentConfig,
     IncidentCounter,
+    IncidentInput,
     IncidentSignal,
+    PopulationChange,
+    TrafficHistory,
     incident_notification,
     incident_signal,
 )
@@ -46,10 +52,13 @@ __all__ = [
     "EvaluatorConfig",
     "IncidentConfig",
     "IncidentCounter",
+    "IncidentInput",
     "IncidentSignal",
     "InvalidRuleMessage",
+    "PopulationChange",
     "RuleBook",
     "RuleChange",
+    "TrafficHistory",
     "alert_id",
     "decode_rule_message",
     "default_rule_id",

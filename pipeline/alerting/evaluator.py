@@ -35,9 +35,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.clock import from_ms, to_ms
 from pipeline.alerting import messages
 from pipeline.alerting.anomaly import AnomalyConfig, AnomalyDetector, AnomalyScore
-from pipeline.alerting.metrics import COMPARE, EXTRACTORS, from_ms, to_ms
+from pipeline.alerting.metrics import COMPARE, EXTRACTORS
 from schemas.alerts import Alert, AlertRule, AlertState, Metric
 from schemas.stats import StatsRecord
 
@@ -222,6 +223,22 @@ class AlertEvaluator:
                 del self._keys[key]
         return out
 
+    def prune(self, before_ms: int) -> int:
+        """Forget keys idle since before `before_ms` (event time): their anomaly baselines
+        and pending streaks. A firing key is left to `on_idle`, which resolves it; returns
+        how many baselines and streaks went."""
+        dropped = self._anomaly.prune(before_ms)
+        for key in list(self._keys):
+            states = self._keys[key]
+            stale = [rid for rid, st in states.items()
+                     if st.alert_id is None and st.last_end_ms < before_ms]
+            for rid in stale:
+                del states[rid]
+            dropped += len(stale)
+            if not states:
+                del self._keys[key]
+        return dropped
+
     def next_deadline_ms(self) -> int | None:
         """Event time at which `on_idle` would next resolve something (None: nothing fires)."""
         windows = self.config.idle_resolve_windows
@@ -298,6 +315,10 @@ class AlertEvaluator:
         """Whether any rule (or any rule on one of `metrics`) fires on the key."""
         return any(not metrics or rule.metric in metrics
                    for rule in self.firing_rules(user_id, service))
+
+    def state_count(self) -> int:
+        """Rule states held (breaching or firing rules on some key)."""
+        return sum(len(states) for states in self._keys.values())
 
     def firing_count(self) -> int:
         return sum(st.alert_id is not None

@@ -9,7 +9,8 @@ separators. Only called when an alert changes state, so clarity beats speed here
 
 from __future__ import annotations
 
-from pipeline.alerting.metrics import NEGATION, from_ms
+from core.clock import from_ms
+from pipeline.alerting.metrics import NEGATION
 from schemas.alerts import AlertRule, Metric
 
 LABELS: dict[str, str] = {

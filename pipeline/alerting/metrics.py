@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from schemas.alerts import Metric, Op
 from schemas.stats import StatsRecord
@@ -51,13 +50,3 @@ def metric_value(metric: str, stats: StatsRecord) -> float:
     """The value of `metric` in `stats` (not defined for `requests_anomaly`)."""
     return float(EXTRACTORS[metric](stats))
 
-
-def to_ms(moment: datetime) -> int:
-    """Epoch milliseconds of an aware datetime; a naive one is taken as UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return round(moment.timestamp() * 1000)
-
-
-def from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)

@@ -3,7 +3,9 @@
 Rules arrive on the compacted topic `alert.rules` (key `rule_id`, value an `AlertRule`
 as JSON, a null value deletes). `RuleBook` applies them and answers `rules_for(user,
 service)` with one dict lookup per call (cached tuples, rebuilt only for a user whose
-rules changed).
+rules changed). The cache is bounded: two generations, the older dropped by `age_cache()`
+(the alerting hook calls it once per minute of event time) or when the newer one holds
+`max_cached_keys` keys; a key looked up again moves to the newer one.
 
 Defaults ("global" rules, `user_id` "*"). The book starts with three templates:
 
@@ -115,19 +117,30 @@ def decode_rule_message(key: bytes | str | None, value: bytes | None) -> RuleCha
     return RuleChange(rule.rule_id, rule)
 
 
+MAX_CACHED_KEYS = 100_000
+"""(user, service) lookups one `RuleBook` caches per generation (two generations at most)."""
+
+Cache = dict[str, dict[str, tuple[AlertRule, ...]]]  # user → service → rules
+
+
 class RuleBook:
     """All rules known to this worker, with an O(1) `rules_for(user_id, service)`.
 
     Pickles as `(rules by user, versions)`; the lookup cache is rebuilt lazily.
     """
 
-    __slots__ = ("_by_user", "_cache", "_owner", "_versions")
+    __slots__ = ("_by_user", "_cache", "_cached", "_older", "_owner", "_versions",
+                 "max_cached_keys")
 
-    def __init__(self, templates: Iterable[AlertRule] | None = None) -> None:
+    def __init__(self, templates: Iterable[AlertRule] | None = None, *,
+                 max_cached_keys: int = MAX_CACHED_KEYS) -> None:
         self._by_user: dict[str, dict[str, AlertRule]] = {}
         self._owner: dict[str, str] = {}
         self._versions: dict[str, tuple[int, bool]] = {}  # rule_id → (version, deleted)
-        self._cache: dict[str, dict[str, tuple[AlertRule, ...]]] = {}
+        self.max_cached_keys = max_cached_keys
+        self._cache: Cache = {}
+        self._older: Cache = {}
+        self._cached = 0  # keys in _cache
         for rule in default_rules() if templates is None else templates:
             self.upsert(rule)
 
@@ -182,9 +195,18 @@ class RuleBook:
 
     def _invalidate(self, user_id: str) -> None:
         if user_id == GLOBAL_USER:
-            self._cache.clear()
+            self._cache, self._older, self._cached = {}, {}, 0
         else:
-            self._cache.pop(user_id, None)
+            self._cached -= len(self._cache.pop(user_id, ()))
+            self._older.pop(user_id, None)
+
+    def age_cache(self) -> None:
+        """Drop the lookups not used since the previous call (O(1): a generation swap)."""
+        self._older, self._cache, self._cached = self._cache, {}, 0
+
+    def cached_keys(self) -> int:
+        return sum(len(by_service) for cache in (self._cache, self._older)
+                   for by_service in cache.values())
 
     # -- queries -------------------------------------------------------------------------
 
@@ -192,13 +214,21 @@ class RuleBook:
         """The enabled rules that apply to one key: the user's own, then the defaults."""
         by_service = self._cache.get(user_id)
         if by_service is None:
-            by_service = self._cache[user_id] = {}
+            by_service = self._older.pop(user_id, None)
+            if by_service is None:
+                by_service = {}
+            else:
+                self._cached += len(by_service)
+            self._cache[user_id] = by_service
         rules = by_service.get(service)
         if rules is None:
             rules = by_service[service] = tuple(
                 rule for rule in self._effective(user_id)
                 if rule.enabled and (rule.service is None or rule.service == service)
             )
+            self._cached += 1
+            if self._cached >= self.max_cached_keys:
+                self.age_cache()
         return rules
 
     def _effective(self, user_id: str) -> list[AlertRule]:
@@ -237,4 +267,5 @@ class RuleBook:
     def __setstate__(self, state: Any) -> None:
         self._by_user, self._versions = state
         self._owner = {rid: user for user, rules in self._by_user.items() for rid in rules}
-        self._cache = {}
+        self.max_cached_keys = MAX_CACHED_KEYS
+        self._cache, self._older, self._cached = {}, {}, 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.alerting.metrics import from_ms
+from core.clock import from_ms
 from schemas.stats import StatsRecord
 
 T0_MS = 1_700_000_000_000

@@ -21,17 +21,19 @@ W = 2000
 ENV = {"KEYPULSE_WINDOW_SECONDS": "2", "KEYPULSE_ALLOWED_LATENESS_SECONDS": "1"}
 
 
-def window(user: str, start: int, errors_per_100: int, n: int = 100) -> list[tuple[bytes, bytes]]:
+def window(
+    user: str, start: int, errors_per_100: int, n: int = 100, service: str = "openai"
+) -> list[tuple[bytes, bytes]]:
     return [
         (
             user.encode(),
             json.dumps(
                 {
-                    "event_id": f"{user}-{start}-{i}",
+                    "event_id": f"{user}-{service}-{start}-{i}",
                     "ts": start + i * 10,
                     "user_id": user,
                     "api_key_id": "k",
-                    "service": "openai",
+                    "service": service,
                     "status_code": 503 if i < errors_per_100 * n // 100 else 200,
                     "latency_ms": 30.0,
                 }
@@ -41,12 +43,20 @@ def window(user: str, start: int, errors_per_100: int, n: int = 100) -> list[tup
     ]
 
 
-def alerts_seen(messages: list[Any]) -> list[tuple[str, str, str]]:
+def alerts_seen(messages: list[Any], service: str | None = None) -> list[tuple[str, str, str]]:
     out = []
     for m in messages:
         a = json.loads(m.value())
-        out.append((a["rule_id"], a["state"], a["alert_id"]))
+        if service is None or a["service"] == service:
+            out.append((a["rule_id"], a["state"], a["alert_id"]))
     return out
+
+
+def aligned_now(lag_ms: int) -> int:
+    """A window start `lag_ms` behind the wall clock. The watermark of a caught-up partition
+    moves with the wall clock, so events placed at a constant lag behind it stay on time
+    however long the test has been running."""
+    return (int(time.time() * 1000) - lag_ms) // W * W
 
 
 def test_incidents_fire_once_resolve_once_and_rules_apply_live(
@@ -84,15 +94,42 @@ def test_incidents_fire_once_resolve_once_and_rules_apply_live(
             version=1,
         )
         produce(kafka_settings, topics.ALERT_RULES, [(b"bob-strict", msgspec.json.encode(rule))])
-        time.sleep(3)  # let the pipeline read the rule before the next windows arrive
+        # No fixed sleep: wait for the rule's effect. bob-strict has no service filter, so it
+        # also covers bob's "probe" service: one 3 % window there at a time until it fires
+        # (bounded); from then on the rule is in force for bob's next openai windows too.
+        probe_start, probed_at = 0, 0.0
+
+        def send_probe() -> None:  # called between polls: a new probe window every 3 s
+            nonlocal probe_start, probed_at
+            pipeline.assert_alive()
+            if time.monotonic() - probed_at >= 3:
+                probe_start = max(probe_start + W, aligned_now(lag_ms=275_000))
+                produce(kafka_settings, topics.USAGE_EVENTS,
+                        window("bob", probe_start, 3, service="probe"))
+                probed_at = time.monotonic()
+
+        reader.read_until(lambda ms: bool(alerts_seen(ms, "probe")), timeout=60, check=send_probe)
+        assert alerts_seen(reader.messages, "probe")[0][:2] == ("bob-strict", "firing")
+        # after the last probe window, and ahead of the watermark
+        t2 = max(aligned_now(lag_ms=265_000), probe_start + W)
         phase2 = []
-        for w in range(10, 16):
-            phase2 += window("alice", t0 + w * W, 0)
-            phase2 += window("bob", t0 + w * W, 3 if 11 <= w <= 12 else 0)
+        for w in range(6):
+            phase2 += window("alice", t2 + w * W, 0)
+            phase2 += window("bob", t2 + w * W, 3 if 1 <= w <= 2 else 0)
         produce(kafka_settings, topics.USAGE_EVENTS, phase2)
-        seen = reader.read_until(lambda ms: len(ms) >= 4, timeout=90, check=pipeline.assert_alive)
-        second = alerts_seen(seen)[2:]
+        seen = reader.read_until(
+            lambda ms: len(alerts_seen(ms, "openai")) >= 4
+            and len(alerts_seen(ms, "probe")) >= 2,  # the probe's episode resolves (idle)
+            timeout=90,
+            check=pipeline.assert_alive,
+        )
+        second = alerts_seen(seen, "openai")[2:]
         assert [(r, s) for r, s, _ in second] == [
+            ("bob-strict", "firing"),
+            ("bob-strict", "resolved"),
+        ]
+        probed = alerts_seen(seen, "probe")
+        assert [(r, s) for r, s, _ in probed] == [
             ("bob-strict", "firing"),
             ("bob-strict", "resolved"),
         ]
@@ -113,10 +150,10 @@ def test_incidents_fire_once_resolve_once_and_rules_apply_live(
         rules = client.query(
             "SELECT rule_id, threshold, is_deleted FROM keypulse.alert_rules FINAL"
         ).result_rows
-    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(first + second)
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(first + second + probed)
     assert {r[3] for r in rows} == {"alice", "bob"}
-    assert len(notes) == 4
-    assert {n[0] for n in notes} == {f"alert:{a}:{s}" for _, s, a in first + second}
+    assert len(notes) == 6
+    assert {n[0] for n in notes} == {f"alert:{a}:{s}" for _, s, a in first + second + probed}
     assert rules == [("bob-strict", 0.01, 0)]
 
 
@@ -152,8 +189,18 @@ def test_a_full_replay_after_kill_9_re_emits_the_same_alerts_and_adds_no_episode
         ("default:carol:error_rate", "firing"),
         ("default:carol:error_rate", "resolved"),
     }
+    # Every column the dataflow writes (`emitted_at` is stamped by the server on insert)
+    columns = (
+        "alert_id, state, rule_id, user_id, service, value, window_start, window_end, "
+        "fired_at, resolved_at, message"
+    )
     with embedded(tmp_path / "clickhouse") as client:
-        final = client.query("SELECT alert_id, state FROM keypulse.alerts FINAL").result_rows
-        stored = client.query("SELECT count() FROM keypulse.alerts").result_rows[0][0]
-    assert sorted((a, s) for a, s in final) == sorted((a, s) for _, s, a in first)
-    assert stored >= len(final)  # the replay wrote twins; FINAL collapses them
+        final = client.query(f"SELECT {columns} FROM keypulse.alerts FINAL").result_rows
+        # Without FINAL: the original rows and, unless a background merge already replaced
+        # them, the replay's twins (how many survive is up to the merges, so not counted).
+        stored = client.query(f"SELECT {columns} FROM keypulse.alerts").result_rows
+    assert sorted((r[0], r[1]) for r in final) == sorted((a, s) for _, s, a in first)
+    # Exact: the replay's twins are the same records, column for column, so FINAL (which
+    # keeps one of each) hides no difference between a run and its replay.
+    assert set(stored) == set(final)
+    assert len(set(final)) == len(final) == 4

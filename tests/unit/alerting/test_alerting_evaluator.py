@@ -9,8 +9,9 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.clock import to_ms
 from pipeline.alerting import AlertEvaluator, EvaluatorConfig, alert_id
-from pipeline.alerting.metrics import metric_value, to_ms
+from pipeline.alerting.metrics import metric_value
 from pipeline.alerting.testing import T0_MS, make_stats
 from schemas.alerts import Alert, AlertRule, AlertState, Metric, Op, Severity
 from schemas.stats import StatsRecord
@@ -202,19 +203,25 @@ class Step:
     idle_probe: bool  # call on_idle just before this window closes
 
 
+# Each strategy reaches its limit from both sides: gaps of IDLE - 1, IDLE and IDLE + 1 windows
+# (the idle boundary, both in `on_window` and in an `on_idle` probe), request counts equal to
+# `min_requests` and one either side, error rates equal to a threshold.
+THRESHOLDS = [0.05, 0.2, 0.5]
+MIN_REQUESTS = [0, 20, 60]
 rules_st = st.builds(
     rule,
-    threshold=st.sampled_from([0.05, 0.2, 0.5]),
+    threshold=st.sampled_from(THRESHOLDS),
     for_windows=st.integers(1, 3),
     resolve_windows=st.integers(1, 3),
-    min_requests=st.sampled_from([0, 20, 60]),
+    min_requests=st.sampled_from(MIN_REQUESTS),
 )
 steps_st = st.lists(
     st.builds(
         Step,
-        gap=st.sampled_from([0, 0, 0, 0, 1, 2, 4]),
-        requests=st.sampled_from([10, 50, 100]),
-        error_rate=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
+        gap=st.one_of(st.just(0), st.just(0), st.sampled_from([1, IDLE - 1, IDLE, IDLE + 1]),
+                      st.integers(0, 3 * IDLE)),
+        requests=st.sampled_from([10, 19, 20, 21, 59, 60, 61, 100]),
+        error_rate=st.sampled_from([0.0, 0.1, 0.3, 0.6, *THRESHOLDS]),
         rule=st.one_of(rules_st, rules_st, rules_st, st.none()),
         idle_probe=st.booleans(),
     ),
@@ -235,8 +242,10 @@ def run(ev: AlertEvaluator, steps: list[Step], start_window: int = 0) -> list[Al
     return out
 
 
-def oracle(steps: list[Step]) -> list[tuple[str, int, str]]:
-    """The contract, spelled out naively: (state, window, cause) per transition."""
+def oracle(steps: list[Step], final_probe: int | None = None) -> list[tuple[str, int, str]]:
+    """The contract, spelled out naively: (state, window, cause) per transition.
+
+    `final_probe`: `on_idle` once more, that many windows after the last step's window."""
     out: list[tuple[str, int, str]] = []
     firing, breaches, cleans, last_end = False, 0, 0, None
     window = 0
@@ -276,6 +285,9 @@ def oracle(steps: list[Step]) -> list[tuple[str, int, str]]:
                     out.append(("resolved", window, "clean"))
                     firing, breaches, cleans, last_end = False, 0, 0, None
         window += 1
+    if (final_probe is not None and firing and last_end is not None
+            and window + final_probe - last_end >= IDLE):
+        out.append(("resolved", last_end + IDLE, "idle"))
     return out
 
 
@@ -290,17 +302,21 @@ def cause(alert: Alert) -> str:
 
 
 @settings(max_examples=300, deadline=None)
-@given(steps_st)
-def test_state_machine_matches_the_contract(steps: list[Step]) -> None:
+@given(steps_st, st.sampled_from([0, IDLE - 1, IDLE, IDLE + 1]))
+def test_state_machine_matches_the_contract(steps: list[Step], final_probe: int) -> None:
+    """Every transition as the oracle has it; a last `on_idle` probe around the idle limit
+    (nothing after it could resolve the key in its place)."""
     ev = AlertEvaluator(EvaluatorConfig(idle_resolve_windows=IDLE))
     alerts = run(ev, steps)
+    after_last = sum(step.gap + 1 for step in steps)
+    alerts += ev.on_idle(T0_MS + (after_last + final_probe) * WINDOW_MS)
     got = []
     for a in alerts:
         window = (to_ms(a.window_end) - T0_MS) // WINDOW_MS - 1
         if cause(a) == "idle":  # resolved_at: the end of the last data window + idle time
             window = (to_ms(a.resolved_at) - T0_MS) // WINDOW_MS  # type: ignore[arg-type]
         got.append((str(a.state), window, cause(a)))
-    assert got == oracle(steps)
+    assert got == oracle(steps, final_probe)
 
 
 @settings(max_examples=300, deadline=None)
