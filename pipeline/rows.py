@@ -1,4 +1,7 @@
-"""Pure mappings from messages to ClickHouse rows (snuba's `process_message` shape)."""
+"""Pure mappings from messages to ClickHouse rows (snuba's `process_message` shape).
+
+The columns are declared once, with their table and topic, in core.outputs.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +10,14 @@ from typing import Any
 
 import msgspec
 
+from core.outputs import ALERT_RULES_OUTPUT, EVENT_ROWS_OUTPUT
 from schemas.alerts import AlertRule
-from schemas.events import UsageEvent
 
 # A `usage_events_rows` row: the validated event's fields in declaration order
 # (msgspec.structs.astuple), then the pipeline's columns. The processor builds it as
 # `astuple(event) + (ts_ms, late, partition, offset, ingested_ms)`. Re-encoded from validated
-# fields, ClickHouse stores exactly what the windows counted, whatever form the SDK sent; as
-# positional arrays it parses them in about half the CPU that keyed objects cost.
-EVENT_ROW_COLUMNS = (
-    *(field.name for field in msgspec.structs.fields(UsageEvent)),
-    "ts_ms",
-    "late",
-    "kafka_partition",
-    "kafka_offset",
-    "ingested_ms",
-)
+# fields, ClickHouse stores exactly what the windows counted, whatever form the SDK sent.
+EVENT_ROW_COLUMNS = EVENT_ROWS_OUTPUT.columns
 
 # One row → one JSON array appended to a buffer: `encode_row_into(row, buffer, -1)`. The
 # processor appends each row as it goes, while the event is still in the CPU's cache, into
@@ -39,23 +34,7 @@ def encode_rows(rows: Iterable[tuple[Any, ...]]) -> bytes:
     return bytes(buffer)
 
 
-RULE_COLUMNS = (
-    "rule_id",
-    "user_id",
-    "name",
-    "metric",
-    "op",
-    "threshold",
-    "service",
-    "for_windows",
-    "resolve_windows",
-    "min_requests",
-    "severity",
-    "enabled",
-    "version",
-    "is_deleted",
-    "updated_at",
-)
+RULE_COLUMNS = ALERT_RULES_OUTPUT.columns
 
 
 def rule_row(rule: AlertRule, deleted: bool, updated_ms: int) -> tuple[Any, ...]:
@@ -76,4 +55,5 @@ def rule_row(rule: AlertRule, deleted: bool, updated_ms: int) -> tuple[Any, ...]
         rule.version,
         int(deleted),
         updated_ms / 1000,  # seconds: how ClickHouse reads a JSON number as DateTime64
+        rule.schema_version,
     )

@@ -9,10 +9,19 @@ Kafka outputs carry deterministic ids (alert_id, notification_id, window key).
 With the embedded ClickHouse only one process may open the database, so there is one sink
 partition and Bytewax routes every output to the worker that owns it; with a server DSN
 there is one partition per worker and all of them write.
+
+A storage failure is one batch's problem, never the dataflow's: a failed insert is tried
+`insert_attempts` times with backoff, then its rows go to `usage.events.dlq` (reason
+`storage_error`, the engine's error in `keypulse.error`, the table in `keypulse.table`) and
+the writer goes on. A replay of the same failure dead-letters the same rows again. Stats,
+alerts and notifications reach Kafka only once queryable, so dead-lettered ones are not
+published (counted in `stats_unpublished`). The DLQ itself always takes a record: one too
+large for it is stored truncated, with its original size and SHA-256 in headers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -23,14 +32,22 @@ from typing import Any
 import msgspec
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from core import topics
-from core.kafka import produce
-from pipeline.alerting.metrics import to_ms
+from core.clock import to_ms
+from core.outputs import (
+    ALERT_RULES_OUTPUT,
+    ALERTS_OUTPUT,
+    EVENT_ROWS_OUTPUT,
+    JSON_COMPACT_EACH_ROW,
+    NOTIFICATIONS_OUTPUT,
+    USAGE_STATS_OUTPUT,
+    Output,
+)
 from pipeline.items import DeadLetter, PartitionOutput
 from pipeline.metrics import METRICS, PipelineMetrics
-from pipeline.rows import RULE_COLUMNS, encode_rows
+from pipeline.rows import encode_rows
 from pipeline.windows import NO_WINDOW
 
 logger = logging.getLogger(__name__)
@@ -39,20 +56,37 @@ _encoder = msgspec.json.Encoder()
 # Rows come deduplicated, so the ReplacingMergeTree merge-on-insert is skipped; one thread per
 # insert leaves the other core to the dataflow (together a fifth less CPU per event row, and
 # 10,000 stats rows go in 40 % faster than with a thread pool).
+# No per-insert partition limit: a batch may span every month of the schema's ts range
+# (1,200 monthly partitions at most); the default limit of 100 made one user's spread of
+# event times stop the dataflow.
 _ONE_THREAD = {
     "optimize_on_insert": 0,
     "max_threads": 1,
     "max_insert_threads": 1,
     "input_format_parallel_parsing": 0,
+    "max_partitions_per_insert_block": 0,
 }
-_JSON_SETTINGS = {"input_format_skip_unknown_fields": 1, "date_time_input_format": "best_effort",
+# Unknown fields are an error (the engine's default skips them): every insert names the
+# output's columns, so a record field without its column fails loudly instead of vanishing.
+_JSON_SETTINGS = {"input_format_skip_unknown_fields": 0, "date_time_input_format": "best_effort",
                   **_ONE_THREAD}
 # Event rows: `ts` as sent may be a number (kept as text), null means empty for String.
 _ROW_SETTINGS = {
+    "input_format_skip_unknown_fields": 0,
     "input_format_json_read_numbers_as_strings": 1,
     "input_format_null_as_default": 1,
     **_ONE_THREAD,
 }
+
+Headers = list[tuple[str, str | bytes | None]]
+
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's message.max.bytes
+# What a record costs beyond its key, value and header bytes (librdkafka counts a v2 record's
+# framing against message.max.bytes); generous, so a fitted dead letter is never refused.
+_RECORD_OVERHEAD = 1024
+_KEY_MAX_BYTES = 1024  # a dead letter's key, when the key alone would crowd out the value
+_ERROR_MAX_CHARS = 500  # of the engine's error in `keypulse.error`
+_DLQ_ATTEMPTS = 3
 
 
 class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
@@ -67,6 +101,8 @@ class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
         local_writers: list[int] | None = None,
         max_rows: int = 50_000,
         max_age_s: float = 0.5,
+        insert_attempts: int = 3,
+        retry_backoff_s: float = 0.2,
         metrics: PipelineMetrics = METRICS,
     ) -> None:
         self.client_factory = client_factory
@@ -77,6 +113,8 @@ class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
         self.local_writers = list(range(writers)) if local_writers is None else local_writers
         self.max_rows = max_rows
         self.max_age_s = max_age_s
+        self.insert_attempts = max(1, insert_attempts)
+        self.retry_backoff_s = retry_backoff_s  # doubled after each failed attempt
         self.metrics = metrics
 
     def list_parts(self) -> list[str]:
@@ -97,13 +135,18 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
     ClickHouse does most of an insert in C++ without the GIL, so the writer thread overlaps
     it with the dataflow's Python work. The jobs queue is short (back-pressure), runs FIFO
     (a stats row is never written before the events of its window), and `snapshot()` waits
-    for it to drain: what Bytewax considers delivered is in ClickHouse and Kafka.
+    for it to drain: what Bytewax considers delivered is in ClickHouse and Kafka (or, when
+    ClickHouse refused it, in the DLQ).
     """
 
     def __init__(self, sink: OutputSink) -> None:
         self.sink = sink
+        self.metrics = sink.metrics
         self.client: Client  # opened by the writer thread: ClickHouse may still be migrating
         self.producer = Producer(sink.producer_config)
+        self.max_message_bytes = int(
+            sink.producer_config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+        )
         self.chunks: list[bytes] = []  # encoded event rows (EventRows.data)
         self.buffered_rows = 0
         self.buffered_from_ms = NO_WINDOW  # the earliest window the buffered rows count in
@@ -111,17 +154,8 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         self.alerts: list[Any] = []
         self.notifications: list[Any] = []
         self.alerts_buffered = 0.0
-        db = sink.database
-        self.events_table = f"{db}.usage_events_rows"
-        self.stats_table = f"{db}.usage_stats"
-        self.alerts_table = f"{db}.alerts"
-        self.notifications_table = f"{db}.notifications"
-        self.rules_table = f"{db}.alert_rules"
         self.source_topic = sink.topic_name(topics.USAGE_EVENTS)
-        self.topic_stats = sink.topic_name(topics.USAGE_STATS)
         self.topic_dlq = sink.topic_name(topics.USAGE_EVENTS_DLQ)
-        self.topic_alerts = sink.topic_name(topics.USAGE_ALERTS)
-        self.topic_notifications = sink.topic_name(topics.NOTIFICATIONS)
         self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=3)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="keypulse-writer", daemon=True)
@@ -145,14 +179,14 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             alerts.extend(out.alerts)
             notifications.extend(out.notifications)
             for dead in out.dead_letters:
-                headers = dead_letter_headers(dead, self.source_topic)
-                self._produce(self.topic_dlq, dead.key, dead.value, headers)
+                self._dead_letter(dead.key, dead.value,
+                                  dead_letter_headers(dead, self.source_topic))
         if stats:
             # The events of closing windows go first. Live, the buffer holds the last half
             # second, all of it in later windows: then the stats go ahead of it.
             if self.buffered_from_ms <= to_ms(max(record.window_start for record in stats)):
                 self._submit_rows()
-            self.jobs.put(lambda: self._write_stats(stats))
+            self.jobs.put(lambda: self._write_records(USAGE_STATS_OUTPUT, stats))
         if self.buffered_rows >= self.sink.max_rows or (
             self.chunks and time.monotonic() - self.first_buffered >= self.sink.max_age_s
         ):
@@ -200,41 +234,103 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             finally:
                 self.jobs.task_done()
 
+    def _insert(self, output: Output, data: bytes, rows: int) -> str | None:
+        """Insert with retries and backoff. None once stored; else the engine's last error,
+        after `insert_attempts` failures (the caller dead-letters the batch)."""
+        table = output.qualified_table(self.sink.database)
+        attempts = self.sink.insert_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                insert(self.client, output, self.sink.database, data)
+                return None
+            except Exception as exc:  # clickhouse-connect and chDB raise unrelated types
+                error = first_line(exc)
+                if attempt == attempts:
+                    logger.exception("insert of %s rows into %s failed %s times, "
+                                     "dead-lettered: %s", rows, table, attempts, error)
+                    return error
+                logger.warning("insert of %s rows into %s failed (attempt %s of %s): %s",
+                               rows, table, attempt, attempts, error)
+                self.metrics.add(insert_retries=1)
+                time.sleep(self.sink.retry_backoff_s * 2 ** (attempt - 1))
+        return None  # not reached: attempts >= 1
+
     def _insert_rules(self, rows: list[tuple[Any, ...]]) -> None:
         # As JSON, like every other table: client.insert() would import pandas (0.3 s) and
         # serialise the rows in Python.
-        self.client.raw_insert(self.rules_table, RULE_COLUMNS, encode_rows(rows),
-                               fmt="JSONCompactEachRow", settings=_ROW_SETTINGS)
+        error = self._insert(ALERT_RULES_OUTPUT, encode_rows(rows), len(rows))
+        if error is not None:
+            self._dead_letter_rows(ALERT_RULES_OUTPUT, rows, error)
 
     def _insert_events(self, data: bytes, count: int) -> None:
         started = time.perf_counter()
-        insert_event_rows(self.client, self.events_table, data)
-        self.sink.metrics.record_insert(count, 0, time.perf_counter() - started)
+        error = self._insert(EVENT_ROWS_OUTPUT, data, count)
+        if error is None:
+            self.metrics.record_insert(count, 0, time.perf_counter() - started)
+        else:
+            rows = [msgspec.json.decode(line) for line in data.splitlines() if line]
+            self._dead_letter_rows(EVENT_ROWS_OUTPUT, rows, error)
 
-    def _write_stats(self, stats: list[Any]) -> None:
+    def _write_records(self, output: Output, records: list[Any]) -> None:
+        """Stats, alerts or notifications as the JSON also published on Kafka (one encoding,
+        parsed in C++), published only once queryable in ClickHouse."""
         started = time.perf_counter()
-        encoded = [_encoder.encode(record) for record in stats]
-        # The JSON published on usage.stats is also the row: one encoding, parsed in C++.
-        self.client.raw_insert(self.stats_table, None, b"\n".join(encoded), fmt="JSONEachRow",
-                               settings=_JSON_SETTINGS)
-        self.sink.metrics.record_insert(0, len(stats), time.perf_counter() - started)
-        # On Kafka only once queryable in ClickHouse.
-        for record, value in zip(stats, encoded, strict=True):
-            self._produce(self.topic_stats, record.user_id.encode(), value)
+        encoded = [_encoder.encode(record) for record in records]
+        error = self._insert(output, b"\n".join(encoded), len(records))
+        if error is not None:
+            self._dead_letter_records(output, records, encoded, error)
+            return
+        if output is USAGE_STATS_OUTPUT:
+            self.metrics.record_insert(0, len(records), time.perf_counter() - started)
+        topic = self.sink.topic_name(output.topic)
+        for record, value in zip(records, encoded, strict=True):
+            self._publish(topic, record.user_id.encode(), value)
 
     def _write_alerts(self, alerts: list[Any], notifications: list[Any]) -> None:
-        """Alerts and notifications as the JSON also published on Kafka (one encoding)."""
-        for table, topic, records in (
-            (self.alerts_table, self.topic_alerts, alerts),
-            (self.notifications_table, self.topic_notifications, notifications),
-        ):
-            if not records:
-                continue
-            encoded = [_encoder.encode(record) for record in records]
-            self.client.raw_insert(table, None, b"\n".join(encoded), fmt="JSONEachRow",
-                                   settings=_JSON_SETTINGS)
-            for record, value in zip(records, encoded, strict=True):
-                self._produce(topic, record.user_id.encode(), value)
+        if alerts:
+            self._write_records(ALERTS_OUTPUT, alerts)
+        if notifications:
+            self._write_records(NOTIFICATIONS_OUTPUT, notifications)
+
+    def _dead_letter_records(
+        self, output: Output, records: list[Any], encoded: list[bytes], error: str
+    ) -> None:
+        """Records the engine refused → DLQ, as the JSON they would have been published as."""
+        headers = self._storage_headers(output, error)
+        headers.append(("keypulse.output.topic", self.sink.topic_name(output.topic).encode()))
+        for record, value in zip(records, encoded, strict=True):
+            self._dead_letter(record.user_id.encode(), value, headers)
+        self.metrics.add(storage_dead_lettered=len(records))
+        if output is USAGE_STATS_OUTPUT:
+            self.metrics.add(stats_unpublished=len(records))
+
+    def _dead_letter_rows(self, output: Output, rows: list[Any], error: str) -> None:
+        """Positional rows the engine refused → DLQ, one JSON object per row keyed by column.
+
+        An event row's object holds every field of the usage event, so it can be re-driven
+        to `usage.events` as it is (the decoder ignores the pipeline's extra columns)."""
+        headers = self._storage_headers(output, error)
+        columns = output.columns
+        key_column = "user_id" if output is EVENT_ROWS_OUTPUT else "rule_id"
+        for row in rows:
+            named = dict(zip(columns, row, strict=False))
+            row_headers = headers
+            if output is EVENT_ROWS_OUTPUT:
+                row_headers = [*headers,
+                               ("keypulse.source.topic", self.source_topic.encode()),
+                               ("keypulse.source.partition",
+                                str(named["kafka_partition"]).encode()),
+                               ("keypulse.source.offset", str(named["kafka_offset"]).encode())]
+            key = str(named.get(key_column, "")).encode()
+            self._dead_letter(key, _encoder.encode(named), row_headers)
+        self.metrics.add(storage_dead_lettered=len(rows))
+
+    def _storage_headers(self, output: Output, error: str) -> Headers:
+        return [
+            ("keypulse.reason", b"storage_error"),
+            ("keypulse.error", error[:_ERROR_MAX_CHARS].encode()),
+            ("keypulse.table", output.qualified_table(self.sink.database).encode()),
+        ]
 
     # -- in the dataflow's thread -------------------------------------------------------------
 
@@ -266,24 +362,75 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             msg = f"writing to ClickHouse/Kafka failed: {self.error}"
             raise RuntimeError(msg) from self.error
 
-    def _produce(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: list[tuple[str, str | bytes | None]] | None = None,
-    ) -> None:
-        produce(self.producer, topic, value, key, headers=headers)
+    # -- Kafka (either thread: the producer is thread-safe) -----------------------------------
+
+    def _publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """An output record; one the producer refuses goes to the DLQ (reason `publish_error`)."""
+        while True:
+            try:
+                self.producer.produce(topic, value, key)
+                return
+            except BufferError:  # the local queue is full: wait for deliveries, never drop
+                self.producer.poll(0.05)
+            except KafkaException as exc:
+                error = first_line(exc)
+                logger.exception("publishing to %s failed, dead-lettered: %s", topic, error)
+                self._dead_letter(key, value, [
+                    ("keypulse.reason", b"publish_error"),
+                    ("keypulse.error", error[:_ERROR_MAX_CHARS].encode()),
+                    ("keypulse.output.topic", topic.encode()),
+                ])
+                return
+
+    def _dead_letter(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        """Produce to the DLQ, which always takes the record: too large → truncated (with the
+        original size and SHA-256 in headers); refused even then → logged and counted, never
+        raised. A None value is produced as a tombstone."""
+        limit = self.max_message_bytes
+        for _ in range(_DLQ_ATTEMPTS):
+            fitted_key, fitted, fitted_headers = fit_dead_letter(key, value, headers, limit)
+            try:
+                self._produce_dlq(fitted_key, fitted, fitted_headers)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    limit //= 2  # the overhead was larger than reckoned: leave more room
+                logger.warning("DLQ produce failed, trying again: %s", first_line(exc))
+                self.producer.poll(0.05)
+                continue
+            if any(name == "keypulse.truncated" for name, _ in fitted_headers):
+                self.metrics.add(dlq_truncated=1)
+            return
+        self._dlq_failed(f"refused {_DLQ_ATTEMPTS} times", headers)
+
+    def _produce_dlq(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        while True:
+            try:
+                self.producer.produce(self.topic_dlq, value, key, headers=headers,
+                                      on_delivery=self._dlq_delivered)
+                return
+            except BufferError:  # the local queue is full: wait for deliveries, never drop
+                self.producer.poll(0.05)
+
+    def _dlq_delivered(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._dlq_failed(f"not delivered: {err.str()}", msg.headers() or [])
+
+    def _dlq_failed(self, why: str, headers: Headers) -> None:
+        self.metrics.add(dlq_failed=1)
+        logger.error("DEAD LETTER LOST (%s) %s: %s", self.topic_dlq, why,
+                     {name: value for name, value in headers if name != "keypulse.error"})
 
 
-def insert_event_rows(client: Client, table: str, data: bytes) -> None:
-    """Encoded event rows (pipeline.rows.encode_rows: one per line) → `usage_events_rows`."""
-    client.raw_insert(table, None, data, fmt="JSONCompactEachRow", settings=_ROW_SETTINGS)
+def insert(client: Client, output: Output, database: str, data: bytes) -> None:
+    """One insert of an output's encoded records, one per line (event rows as
+    pipeline.rows.encode_rows writes them), naming the output's columns."""
+    settings = _ROW_SETTINGS if output.fmt == JSON_COMPACT_EACH_ROW else _JSON_SETTINGS
+    client.raw_insert(output.qualified_table(database), output.columns, data, fmt=output.fmt,
+                      settings=settings)
 
 
-def dead_letter_headers(
-    dead: DeadLetter, source_topic: str
-) -> list[tuple[str, str | bytes | None]]:
+def dead_letter_headers(dead: DeadLetter, source_topic: str) -> Headers:
     """The DLQ keeps the original key and value bytes; why and where go in headers."""
     return [
         ("keypulse.reason", dead.reason.encode()),
@@ -291,3 +438,44 @@ def dead_letter_headers(
         ("keypulse.source.partition", str(dead.partition).encode()),
         ("keypulse.source.offset", str(dead.offset).encode()),
     ]
+
+
+def fit_dead_letter(
+    key: bytes | None, value: bytes | None, headers: Headers, max_message_bytes: int
+) -> tuple[bytes | None, bytes | None, Headers]:
+    """Key, value and headers that fit under `max_message_bytes` (the producer's
+    message.max.bytes). Within it, all three come back as they are; else the value is
+    truncated and headers `keypulse.original.size`, `keypulse.original.sha256` (of the full
+    value) and `keypulse.truncated: 1` say so (a key longer than 1 KiB is cut as well, with
+    `keypulse.original.key.size`)."""
+    if _record_size(key, value, headers) <= max_message_bytes:
+        return key, value, headers
+    fitted_headers = list(headers)
+    if key is not None and len(key) > _KEY_MAX_BYTES:
+        fitted_headers.append(("keypulse.original.key.size", str(len(key)).encode()))
+        key = key[:_KEY_MAX_BYTES]
+    if value is not None and _record_size(key, value, fitted_headers) > max_message_bytes:
+        fitted_headers += [
+            ("keypulse.original.size", str(len(value)).encode()),
+            ("keypulse.original.sha256", hashlib.sha256(value).hexdigest().encode()),
+            ("keypulse.truncated", b"1"),
+        ]
+        room = max_message_bytes - _record_size(key, b"", fitted_headers)
+        value = value[: max(room, 0)]
+    return key, value, fitted_headers
+
+
+def _record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """What a record counts against message.max.bytes, reckoned generously."""
+    return len(key or b"") + len(value or b"") + _headers_size(headers) + _RECORD_OVERHEAD
+
+
+def _headers_size(headers: Headers) -> int:
+    """Header bytes as a record carries them, with room for their length varints."""
+    return sum(len(name) + len(value or b"") + 10 for name, value in headers)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an engine's (or client's) error: what a DLQ header and a log show."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

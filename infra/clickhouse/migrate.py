@@ -2,7 +2,8 @@
 
 Versioned files `NNNN_name.sql` run once, in order; an applied file whose text changed is
 refused (write a new migration instead). Repeatable files `R__name.sql` run again whenever
-their rendered text changes (settings such as the events TTL). DDL lives only here.
+their rendered text changes (settings such as the events TTL), and after any versioned
+migration of the same run, which may have rebuilt a table they alter. DDL lives only here.
 """
 
 from __future__ import annotations
@@ -66,11 +67,18 @@ def load_migrations(settings: Settings) -> list[Migration]:
 
 
 def migrate(
-    client: Client, settings: Settings, progress: Callable[[str], None] = logger.info
+    client: Client,
+    settings: Settings,
+    progress: Callable[[str], None] = logger.info,
+    *,
+    target: str | None = None,
 ) -> list[str]:
-    """Apply what is pending; return the versions applied (empty when up to date)."""
+    """Apply what is pending; return the versions applied (empty when up to date).
+    `target` ("0005") stops the versioned migrations after that version, as a schema of an
+    older release had them (the repeatable ones still run)."""
     db = settings.clickhouse_database
-    migrations = load_migrations(settings)
+    migrations = [m for m in load_migrations(settings)
+                  if target is None or m.repeatable or m.version <= target]
     try:
         client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
         client.command(
@@ -89,7 +97,8 @@ def migrate(
     done: list[str] = []
     for migration in migrations:
         previous = applied.get(migration.version)
-        if previous == migration.checksum:
+        rebuilt = any(not version.startswith("R__") for version in done)
+        if previous == migration.checksum and not (migration.repeatable and rebuilt):
             continue
         if previous is not None and not migration.repeatable:
             msg = (

@@ -7,14 +7,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from msgspec.structs import astuple
 
+from core.outputs import EVENT_ROWS_OUTPUT
 from core.settings import Settings
 from infra.clickhouse.migrate import migrate
 from pipeline.rows import EVENT_ROW_COLUMNS, encode_rows
-from pipeline.sinks import insert_event_rows
+from pipeline.sinks import insert
 from schemas.events import decode_event
 from tests.integration.harness import embedded
+
+pytestmark = pytest.mark.integration
 
 NOW = int(time.time() * 1000) // 1000 * 1000  # inside the events TTL
 BASE = {"ts": NOW, "user_id": "u", "api_key_id": "k", "service": "openai",
@@ -63,7 +67,7 @@ def test_rows_land_as_the_dataflow_decoded_them(settings: Settings, tmp_path: Pa
     with embedded(tmp_path / "ch") as client:
         migrate(client, settings)
         db = settings.clickhouse_database
-        insert_event_rows(client, f"{db}.usage_events_rows", encode_rows(rows))
+        insert(client, EVENT_ROWS_OUTPUT, db, encode_rows(rows))
         got = client.query(
             f"SELECT {', '.join(COLUMNS)}, toUnixTimestamp64Milli(ts), late, kafka_partition, "
             f"kafka_offset FROM {db}.usage_events FINAL ORDER BY kafka_offset"
@@ -87,7 +91,8 @@ def test_ingest_table_columns_follow_the_row_layout(settings: Settings, tmp_path
 
 
 def test_rule_rows_land_with_their_millisecond_times(settings: Settings, tmp_path: Path) -> None:
-    from pipeline.rows import RULE_COLUMNS, rule_row
+    from core.outputs import ALERT_RULES_OUTPUT
+    from pipeline.rows import rule_row
     from schemas.alerts import AlertRule, Metric, Op
 
     rules = [AlertRule(rule_id=f"r{i}", user_id="u1", name="errors", metric=Metric.ERROR_RATE,
@@ -97,10 +102,9 @@ def test_rule_rows_land_with_their_millisecond_times(settings: Settings, tmp_pat
     with embedded(tmp_path / "ch") as client:
         migrate(client, settings)
         db = settings.clickhouse_database
-        client.raw_insert(f"{db}.alert_rules", RULE_COLUMNS, encode_rows(rows),
-                          fmt="JSONCompactEachRow")
+        insert(client, ALERT_RULES_OUTPUT, db, encode_rows(rows))
         got = client.query(f"SELECT rule_id, threshold, service, is_deleted, "
-                           f"toUnixTimestamp64Milli(updated_at) FROM {db}.alert_rules "
-                           "ORDER BY updated_at").result_rows
-    assert [tuple(r) for r in got] == [("r1", 0.25, None, 0, NOW + 123),
-                                       ("r2", 0.25, None, 1, NOW + 456)]
+                           f"toUnixTimestamp64Milli(updated_at), schema_version "
+                           f"FROM {db}.alert_rules ORDER BY updated_at").result_rows
+    assert [tuple(r) for r in got] == [("r1", 0.25, None, 0, NOW + 123, 1),
+                                       ("r2", 0.25, None, 1, NOW + 456, 1)]

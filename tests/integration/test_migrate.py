@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
+from clickhouse_connect.driver.client import Client
+from msgspec.structs import astuple
 
+from core.outputs import EVENT_ROWS_OUTPUT
 from core.settings import load
 from infra.clickhouse.migrate import load_migrations, migrate
 from keypulse.cli import main
+from pipeline.rows import encode_rows
+from pipeline.sinks import insert
+from schemas.events import decode_event
 from tests.integration.harness import embedded
 
 pytestmark = pytest.mark.integration
@@ -57,6 +65,7 @@ def test_migrate_twice_second_is_a_no_op_and_tables_match_design(tmp_path: Path)
     for table in DESIGN_COLUMNS:
         assert orders[table].startswith("user_id"), (table, orders[table])  # tenant first
     assert "toIntervalDay(7)" in ttl
+    assert "PARTITION BY toYYYYMM(ts)" in ttl  # monthly: no spread of event times breaks it
 
 
 def test_a_changed_ttl_is_applied_by_the_repeatable_migration(tmp_path: Path) -> None:
@@ -76,3 +85,49 @@ def test_unreachable_dsn_is_one_line_and_non_zero(capsys: pytest.CaptureFixture[
     assert code == 1
     assert err == ["keypulse migrate: cannot reach ClickHouse at http://127.0.0.1:1/keypulse: "
                    "Connection refused"]
+
+
+def test_raw_events_move_to_monthly_partitions_with_their_rows_ttl_and_view(
+    tmp_path: Path,
+) -> None:
+    """0006 on a database of the previous release: daily partitions, rows in them."""
+    settings = load(dev=True, data_dir=tmp_path, events_ttl_days=7)
+    db = settings.clickhouse_database
+    day = 86_400_000
+    now = int(time.time()) * 1000
+    times = [now, now + day, now + 40 * day]  # three days, two or three months
+    with embedded(tmp_path / "clickhouse") as client:
+        old = migrate(client, settings, progress=lambda _line: None, target="0005")
+        assert old[-2:] == ["0005", "R__events_ttl"]
+        assert _partition_key(client, db) == "toYYYYMMDD(ts)"
+        insert(client, EVENT_ROWS_OUTPUT, db, _rows(times, 0))
+
+        applied = migrate(client, settings, progress=lambda _line: None)
+        assert applied == ["0006", "0007", "R__events_ttl"]  # the TTL set again on the new table
+        assert _partition_key(client, db) == "toYYYYMM(ts)"
+        ttl = client.query("SELECT create_table_query FROM system.tables WHERE "
+                           f"database = '{db}' AND name = 'usage_events'").result_rows[0][0]
+        assert "toIntervalDay(7)" in ttl
+        tables = {r[0] for r in client.query(
+            f"SELECT name FROM system.tables WHERE database = '{db}'").result_rows}
+        assert "usage_events_monthly" not in tables
+        # The view that feeds usage_events writes into the new table.
+        insert(client, EVENT_ROWS_OUTPUT, db, _rows([now + 2], 3))
+        got = client.query(f"SELECT event_id, toUnixTimestamp64Milli(ts) FROM {db}.usage_events "
+                           "FINAL ORDER BY ts").result_rows
+    assert got == [("e0", now), ("e3", now + 2), ("e1", now + day), ("e2", now + 40 * day)]
+
+
+def _partition_key(client: Client, db: str) -> str:
+    return str(client.query("SELECT partition_key FROM system.tables WHERE "
+                            f"database = '{db}' AND name = 'usage_events'").result_rows[0][0])
+
+
+def _rows(times: list[int], first: int) -> bytes:
+    rows = []
+    for n, ts in enumerate(times, start=first):
+        event = decode_event(json.dumps({"event_id": f"e{n}", "ts": ts, "user_id": "u",
+                                         "api_key_id": "k", "service": "openai",
+                                         "status_code": 200, "latency_ms": 1.0}).encode())
+        rows.append((*astuple(event), ts, False, 0, n, ts))
+    return encode_rows(rows)

@@ -8,6 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Consumer, TopicPartition
 from msgspec.structs import astuple
 
@@ -21,6 +22,8 @@ from pipeline.sinks import OutputSink
 from pipeline.windows import WindowAcc, close_window
 from schemas.events import decode_event
 from tests.integration.harness import embedded
+
+pytestmark = pytest.mark.integration
 
 WINDOW_MS = 10_000
 W0 = int(time.time()) // 10 * WINDOW_MS - 3_600_000  # a window start an hour ago (epoch ms)
