@@ -1,8 +1,17 @@
 """The HTTP API (FastAPI). `create_app(settings)` builds it; `keypulse api` serves it alone and
 `keypulse run` serves it beside the WebSocket bridge and the pipeline in one process.
 
-Today it has health, Prometheus metrics and system stats; ingest, queries, alert rules and
-notifications come with the HTTP API issue.
+Where things go (the skeleton the HTTP API issue fills):
+
+    routes/<resource>.py   one APIRouter each (prefix, tags); plain `def` when it queries
+    deps.py                SettingsDep, ClickHouseDep, CurrentUserDep, require_role(...)
+    queries.py             the read queries: SQL with server-side parameters, typed rows out
+    responses.py           MsgspecResponse (msgspec contract types as JSON) and described(T)
+                           (their JSON schema in OpenAPI)
+    errors.py              APIError and the handlers: every error is {"error": {...}}
+
+Today: `/healthz` (503 with a reason when a health check fails: the embedded pipeline dead or
+stuck), `/metrics`, `/api/system/stats` and `/v1/admin/tables` (admin).
 """
 
 from api.app import create_app

@@ -1,12 +1,34 @@
-"""Dependency aliases for route functions."""
+"""Dependency aliases for route functions.
+
+    SettingsDep       the app's settings
+    ClickHouseDep     the process's shared ClickHouse client (core.clickhouse.shared_client)
+    CurrentUserDep    the principal of the request's `Authorization: Bearer` JWT, verified
+                      with the WebSocket's rules (core.auth); 401 without a valid one
+    require_role(r)   a dependency: the current user, 403 unless they hold one of the roles
+
+    AdminDep = Annotated[Principal, Depends(require_role("admin"))]
+
+Routes that query ClickHouse are plain `def` (the client blocks; FastAPI runs them in its
+thread pool).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
+from clickhouse_connect.driver.client import Client
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api.errors import APIError
+from core.auth import ADMIN_ROLE, AuthError, Principal, verify_token
+from core.clickhouse import shared_client
+from core.clock import Clock
 from core.settings import Settings
+
+BEARER = {"WWW-Authenticate": "Bearer"}
+_bearer = HTTPBearer(auto_error=False, description="a keypulse JWT (`keypulse token`)")
 
 
 def get_settings(request: Request) -> Settings:
@@ -15,3 +37,43 @@ def get_settings(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_clickhouse(settings: SettingsDep) -> Client:
+    return shared_client(settings)
+
+
+ClickHouseDep = Annotated[Client, Depends(get_clickhouse)]
+
+
+def current_user(
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise APIError(401, "unauthorized", "missing bearer token", headers=BEARER)
+    clock: Clock = request.app.state.clock
+    try:
+        return verify_token(settings, credentials.credentials, clock=clock)
+    except AuthError as exc:
+        raise APIError(401, "unauthorized", str(exc), headers=BEARER) from None
+
+
+CurrentUserDep = Annotated[Principal, Depends(current_user)]
+
+
+def require_role(*roles: str) -> Callable[[Principal], Principal]:
+    """A dependency returning the current user when they hold one of `roles`, else 403."""
+    wanted = frozenset(roles)
+
+    def check(user: CurrentUserDep) -> Principal:
+        if wanted.isdisjoint(user.roles):
+            names = " or ".join(sorted(wanted))
+            raise APIError(403, "forbidden", f"this needs the {names} role")
+        return user
+
+    return check
+
+
+AdminDep = Annotated[Principal, Depends(require_role(ADMIN_ROLE))]

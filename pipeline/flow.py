@@ -3,7 +3,7 @@
     events ─▶ key by partition ─▶ process (per partition: dedup, windows, alerts) ─┬▶ sink
     alert.rules ─▶ decode ─▶ broadcast to every partition ─┘                      │
                └▶ alert_rules rows (keyed by rule_id) ──────────────────────────────┤
-    incident signals (keyed by service) ─▶ provider_incident notifications ───────┘
+    incident signals, populations (keyed by service) ─▶ provider_incident notes ──┘
 
 Items are whole poll batches (`SourceBatch`), so the per-item cost of the dataflow is paid
 once per batch, not once per event.
@@ -20,7 +20,7 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from pipeline.alerting.incidents import IncidentConfig, IncidentCounter, IncidentSignal
+from pipeline.alerting.incidents import IncidentConfig, IncidentCounter, IncidentInput
 from pipeline.alerting.rules import InvalidRuleMessage, RuleChange, decode_rule_message
 from pipeline.items import PartitionOutput, RuleUpdates, SourceBatch
 from pipeline.processor import HookFactory, PartitionProcessor, ProcessorConfig
@@ -47,7 +47,8 @@ def build_flow(
     """The keypulse dataflow. `partitions` lists the event topic's partitions, so rule
     changes can be broadcast to each partition's processor. `hook_factory` (alerting)
     turns closed windows into alerts; with it, incident signals from every partition
-    meet in one step keyed by service."""
+    meet in one step keyed by service, configured by `incidents` (give the hooks the same
+    one: `AlertingHook.factory(incidents=...)`, since they decide which users are trusted)."""
     flow = Dataflow(flow_id)
     batches = op.input("events", flow, events)
     keyed = op.key_on("by_partition", batches, lambda batch: str(batch.partition))
@@ -74,10 +75,14 @@ def build_flow(
         counter_config = incidents or IncidentConfig()
 
         def count(
-            state: IncidentCounter | None, signal: IncidentSignal
-        ) -> tuple[IncidentCounter, Notification | None]:
+            state: IncidentCounter | None, item: IncidentInput
+        ) -> tuple[IncidentCounter | None, Notification | None]:
             counter = state if state is not None else IncidentCounter(counter_config)
-            return counter, counter.on_signal(signal)
+            counter.config = counter_config  # configuration, not state: the running one
+            note = counter.on_item(item)
+            # A service nobody trusted is active on holds nothing worth keeping: returning
+            # None makes Bytewax forget the key, so made-up services leave no state behind.
+            return (None if counter.is_empty() else counter), note
 
         notes = op.stateful_map("incidents", signals, count)
         extra_outputs.append(op.filter_map("incident_out", notes, _notification_output))

@@ -5,6 +5,11 @@ of the dataflow dominates. This source hands the processor a whole poll batch
 (`SourceBatch`) and, when a partition is idle, a tick every `tick_ms` carrying the clock's
 time so windows close on a quiet stream. Offsets live in Bytewax's recovery snapshots
 (`snapshot()` is the next offset to read); consumer groups are not used.
+
+A record's value is passed as-is: a tombstone (a null value) stays `None`. Each run has its
+own `stop` event (the runner's): set, every partition ends after its current batch. With
+`metrics`, each partition records when it last handed over a batch and whether it was caught
+up, which is how health tells a stuck dataflow from a quiet one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from core.clock import Clock, system_clock
 from core.errors import ServiceError
 from core.kafka import PREFETCH_SETTINGS
 from pipeline.items import SourceBatch
+from pipeline.metrics import PipelineMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +42,6 @@ IDLE_POLL_MS = 20  # how often a caught-up partition looks for new records
 # After a poll that emptied a live partition's queue: every batch costs the dataflow a fixed
 # amount, and polling again at once would hand it batches of a handful of events.
 LIVE_POLL_MS = 10
-STOP = threading.Event()  # set by the runner's SIGINT/SIGTERM handler: partitions end cleanly
 
 
 def list_partitions(
@@ -67,7 +72,8 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
         tick_ms: int = 100,
         clock: Clock = system_clock,
         partitions: list[int] | None = None,
-        stop: threading.Event = STOP,
+        stop: threading.Event | None = None,
+        metrics: PipelineMetrics | None = None,
     ) -> None:
         self.consumer_config = consumer_config
         self.topic = topic
@@ -75,7 +81,8 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
         self.tick_ms = tick_ms
         self.clock = clock
         self._partitions = partitions
-        self.stop = stop
+        self.stop = stop if stop is not None else threading.Event()
+        self.metrics = metrics
 
     def partitions(self) -> list[int]:
         if self._partitions is None:
@@ -121,8 +128,8 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         now_ms = int(self._clock() * 1000)
         if any([m.error() is not None for m in messages]):  # rare: errors are not records
             messages = self._without_errors(messages)
-        records = cast("list[tuple[int, bytes | None, bytes]]",  # offsets of records are set
-                       [(m.offset(), m.key(), m.value() or b"") for m in messages])
+        records = cast("list[tuple[int, bytes | None, bytes | None]]",  # records have offsets
+                       [(m.offset(), m.key(), m.value()) for m in messages])
         self._wait_ms = 0
         if records:
             self.next_offset = records[-1][0] + 1
@@ -137,6 +144,9 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         elif caught_up:  # live traffic: gather a few ms of it per batch, not a few events
             self._wait_ms = LIVE_POLL_MS
         self._last_emit_ms = now_ms
+        if self.source.metrics is not None:  # per batch, not per event
+            self.source.metrics.batch_at[self.partition] = now_ms / 1000
+            self.source.metrics.caught_up[self.partition] = caught_up
         return [SourceBatch(self.partition, records, now_ms, caught_up)]
 
     def _first_offset(self, topic: str, partition: int) -> int:

@@ -31,8 +31,17 @@ class PipelineMetrics:
     insert_batches: int = 0
     insert_seconds_total: float = 0.0
     insert_seconds_last: float = 0.0
+    insert_retries: int = 0  # failed insert attempts that were tried again
+    storage_dead_lettered: int = 0  # rows dead-lettered after every insert attempt failed
+    stats_unpublished: int = 0  # of those, stats rows: never on usage.stats (not queryable)
+    dlq_truncated: int = 0  # dead letters too large for the DLQ, stored truncated
+    dlq_failed: int = 0  # dead letters the DLQ refused even then (logged)
     watermark_ms: dict[int, int] = field(default_factory=dict)
     max_event_ms: dict[int, int] = field(default_factory=dict)
+    # Per partition, set by the source: when it last handed over a batch (epoch seconds)
+    # and whether its input was caught up then (health: stuck versus quiet).
+    batch_at: dict[int, float] = field(default_factory=dict)
+    caught_up: dict[int, bool] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _last_log: float = 0.0
@@ -45,6 +54,12 @@ class PipelineMetrics:
             self.insert_seconds_total += seconds
             self.insert_seconds_last = seconds
 
+    def add(self, **counts: int) -> None:
+        """Add to integer counters from any thread: `add(dlq_truncated=1)`."""
+        with self._lock:
+            for name, count in counts.items():
+                setattr(self, name, getattr(self, name) + count)
+
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         data: dict[str, Any] = {
@@ -52,6 +67,8 @@ class PipelineMetrics:
         }
         data["watermark_ms"] = dict(self.watermark_ms)
         data["max_event_ms"] = dict(self.max_event_ms)
+        data["batch_at"] = dict(self.batch_at)
+        data["caught_up"] = dict(self.caught_up)
         marks = [v for v in self.watermark_ms.values() if v > 0]
         newest = [v for v in self.max_event_ms.values() if v > 0]
         data["watermark_lag_seconds"] = round(now - min(marks) / 1000, 3) if marks else None

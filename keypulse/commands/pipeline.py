@@ -1,16 +1,25 @@
-"""`keypulse pipeline`: the Bytewax dataflow alone; several processes form one cluster."""
+"""`keypulse pipeline`: the Bytewax dataflow alone; several processes form one cluster.
+
+It always stops: SIGTERM/SIGINT end the run after the current batch; a second signal, or a
+run still going `--stop-timeout` seconds later (a stuck step), exits at once with 128 + the
+signal's number. A run that fails logs why in one line and exits 1 at once: the threads a
+dead dataflow leaves (Bytewax's, chDB's) can hang or crash the interpreter's normal exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
 import sys
 from types import FrameType
 
-from core.errors import ConfigError
+from core.errors import ConfigError, KeypulseError
 from core.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="snapshot interval (Bytewax's default): at most this much is replayed after a crash",
     )
     parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a stopping run may take before the process exits anyway (default 30)",
+    )
+    parser.add_argument(
         "--no-alerts",
         action="store_true",
         help="skip alert evaluation (benchmarks measure its cost this way)",
@@ -49,36 +64,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from infra.clickhouse.migrate import migrate
-
-    if args.processes <= 1 and not args.process_id:
-        from core.clickhouse import prepare
-
-        prepare(settings, migrate)  # opens and migrates ClickHouse while the dataflow loads
-    from pipeline.runner import run_pipeline
-
+    if args.processes > 1 and not args.addresses:
+        extra = ["--log-level", args.log_level] if args.log_level else []
+        pipeline_args = ["--epoch-seconds", str(args.epoch_seconds),
+                         "--stop-timeout", str(args.stop_timeout)]
+        if args.no_alerts:
+            pipeline_args.append("--no-alerts")
+        return spawn_local_cluster(args.processes, args.base_port, extra, pipeline_args)
+    addresses = None
     if args.addresses:
         addresses = [a.strip() for a in args.addresses.split(",") if a.strip()]
         if args.process_id is None or not 0 <= args.process_id < len(addresses):
             msg = f"--process-id must be in [0, {len(addresses)}) with --addresses"
             raise ConfigError(msg)
+    import threading
+
+    from pipeline.runner import force_exit, run_pipeline, stop_on_signals
+
+    stop = threading.Event()
+    stop_on_signals(stop, args.stop_timeout)  # first: every thread started later inherits it
+    from infra.clickhouse.migrate import migrate
+
+    if not args.process_id:
+        from core.clickhouse import prepare
+
+        prepare(settings, migrate)  # opens and migrates ClickHouse while the dataflow loads
+    try:
         run_pipeline(
             settings,
-            process_id=args.process_id,
+            process_id=args.process_id if addresses else None,
             addresses=addresses,
             epoch_seconds=args.epoch_seconds,
             alerts=not args.no_alerts,
             migrate=migrate,
+            stop=stop,
+            handle_signals=False,
         )
-        return 0
-    if args.processes > 1:
-        extra = ["--log-level", args.log_level] if args.log_level else []
-        pipeline_args = ["--epoch-seconds", str(args.epoch_seconds)]
-        if args.no_alerts:
-            pipeline_args.append("--no-alerts")
-        return spawn_local_cluster(args.processes, args.base_port, extra, pipeline_args)
-    run_pipeline(settings, epoch_seconds=args.epoch_seconds, alerts=not args.no_alerts,
-                 migrate=migrate)
+    except KeypulseError as exc:
+        force_exit(1, str(exc))
+    except Exception:
+        logger.exception("the pipeline failed")
+        force_exit(1, "the pipeline failed")
     return 0
 
 

@@ -1,5 +1,10 @@
 """`keypulse run`: the embedded default. Pipeline, HTTP API and WebSocket bridge in one
-process on one port, on one embedded ClickHouse (chDB)."""
+process on one port, on one embedded ClickHouse (chDB).
+
+Death is loud: when the pipeline's thread ends, the server stops and the process exits 1
+with one log line saying why (a supervisor restarts it; the pipeline resumes from its last
+snapshot), and `/healthz` answers 503 while the pipeline is dead or stuck.
+"""
 
 from __future__ import annotations
 
@@ -20,15 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from api import create_app
     from core.clickhouse import prepare, redact
     from infra.clickhouse.migrate import migrate
     from infra.kafka.launcher import is_up
+    from keypulse.server import check_bind, serve
     from pipeline.runner import EmbeddedPipeline
     from ws_bridge import UVICORN_WS_OPTIONS, create_bridge
 
+    host, port = args.host or settings.host, args.port or settings.port
+    check_bind(settings, host)
     if not is_up(settings):
         msg = (f"Kafka does not answer at {settings.kafka_bootstrap}; "
                "start it with `keypulse kafka start`")
@@ -45,11 +51,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             pipeline.stop()
 
+    def pipeline_died() -> str | None:
+        if pipeline.thread.is_alive() or pipeline.stop_event.is_set():
+            return None
+        return pipeline.problem()
+
     app = create_app(settings, routers=[bridge.router],
-                     lifespans=[pipeline_lifespan, bridge.lifespan])
-    host, port = args.host or settings.host, args.port or settings.port
+                     lifespans=[pipeline_lifespan, bridge.lifespan],
+                     health_checks=[pipeline.problem])
     print(f"keypulse: HTTP http://{host}:{port}/healthz  metrics http://{host}:{port}/metrics  "
           f"WebSocket ws://{host}:{port}/ws  ClickHouse {redact(settings.dsn)}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(),
-                access_log=False, **UVICORN_WS_OPTIONS)
-    return 1 if pipeline.error is not None else 0
+    code = serve(app, settings, host=host, port=port, access_log=False, watch=pipeline_died,
+                 **UVICORN_WS_OPTIONS)
+    return 1 if code or pipeline.error is not None else 0

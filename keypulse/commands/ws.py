@@ -19,26 +19,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn  # imported by the command that serves, not by every `keypulse` start
-
+    from keypulse.server import check_bind, serve
     from ws_bridge import UVICORN_WS_OPTIONS, create_bridge
 
+    host = args.host or settings.host
+    check_bind(settings, host)
     # The Kafka thread and the event loop share the GIL: while the loop writes a broadcast
     # to 10,000 sockets, the default 5 ms switch interval is what a freshly fetched
     # per-user message waits, several times per batch. 1 ms keeps that wait small.
     sys.setswitchinterval(0.001)
     bridge = create_bridge(settings)
-    config = uvicorn.Config(
+    return serve(
         bridge.app(),
-        host=args.host or settings.host,
+        settings,
+        host=host,
         port=args.port or settings.port,
-        log_level=settings.log_level.lower(),
         access_log=False,
         backlog=args.backlog,
         loop="uvloop",  # installed with uvicorn[standard]; "auto" would fall back silently
-        http="httptools",
         lifespan="on",
         **UVICORN_WS_OPTIONS,
     )
-    uvicorn.Server(config).run()
-    return 0

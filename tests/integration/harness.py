@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,3 +126,48 @@ class TopicReader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RunProcess(PipelineProcess):
+    """`keypulse run` (pipeline + HTTP API + bridge) in a child process on a free port."""
+
+    def __init__(
+        self, settings: Settings, data_dir: Path, epoch_seconds: float = 1.0, **env: str
+    ) -> None:
+        super().__init__(settings, data_dir, epoch_seconds, **env)
+        self.port = free_port()
+        self.log = data_dir / "run.log"
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "keypulse.cli", "run", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--epoch-seconds", str(self.epoch_seconds)],
+                env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        """GET `path` on the process's HTTP port: (status, body); (0, b"") when nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                        timeout=timeout) as response:
+                return int(response.status), response.read()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read()
+        except OSError:
+            return 0, b""
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.get("/healthz")[0] != 200:
+            self.assert_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError("keypulse run never became healthy:\n"
+                                     + self.log.read_text()[-4000:])
+            time.sleep(0.2)

@@ -1,20 +1,22 @@
-"""The local broker for real: start, topics, a keyed round trip."""
+"""The local broker for real: start, topics, a keyed round trip, the jars it runs from."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 import uuid
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 
+from core.errors import ServiceError
 from core.kafka import consumer_config, producer_config
 from core.settings import Settings
 from core.topics import ALERT_RULES, TOPICS, USAGE_EVENTS
 from infra.kafka import launcher
-
-pytestmark = pytest.mark.integration
 
 
 def _record(msg: Message) -> tuple[int, tuple[bytes, bytes]]:
@@ -104,3 +106,38 @@ def test_status_names_the_bootstrap(kafka: Settings) -> None:
     message = launcher.status(kafka)
     assert kafka.kafka_bootstrap in message
     assert "\n" not in message
+
+
+def test_the_jar_cache_matches_the_manifest_and_a_tampered_copy_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The real cache (fetched with Maven if absent) passes; one flipped byte in a copy fails.
+
+    The copy keeps each jar's size and mtime, so only hashing can tell them apart.
+    """
+    lib = launcher.ensure_jars()  # verifies the real cache against infra/kafka/jars.sha256
+    assert {p.name for p in lib.glob("*.jar")} == set(launcher.read_manifest(launcher.MANIFEST))
+
+    copy = tmp_path / "cache"
+    shutil.copytree(lib, copy / "lib")  # real copies: the real cache is never written
+    shutil.copy2(lib.parent / "lib.complete", copy / "lib.complete")
+    assert launcher.ensure_jars(cache=copy) == copy / "lib"  # the untampered copy passes
+
+    jar = copy / "lib" / launcher.BROKER_JAR
+    before = jar.stat()
+    with jar.open("r+b") as handle:
+        handle.seek(before.st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(jar, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert jar.stat().st_size == before.st_size
+    assert jar.stat().st_mtime_ns == before.st_mtime_ns
+
+    with pytest.raises(ServiceError) as info:
+        launcher.ensure_jars(cache=copy)
+    assert str(info.value) == (
+        f"Kafka jars in {copy / 'lib'} refused: {launcher.BROKER_JAR} does not match its "
+        f"SHA-256 in jars.sha256; delete {copy} so the next start fetches them again"
+    )
+    launcher.verify_jars(lib)  # and the real cache is still intact

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from keypulse.cli import COMMANDS, main
+from keypulse.cli import COMMANDS, build_parser, main
 
 
 def test_the_commands_of_the_design_exist() -> None:
@@ -48,3 +48,11 @@ def test_the_cli_never_loads_pyarrow() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.splitlines()[-1] == "None"  # after the version line
+
+
+def test_pipeline_takes_a_stop_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--help"])
+    assert "--stop-timeout" in capsys.readouterr().out
+    args = build_parser(["pipeline"]).parse_args(["pipeline", "--stop-timeout", "2.5"])
+    assert args.stop_timeout == 2.5
