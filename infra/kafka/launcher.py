@@ -2,8 +2,11 @@
 
 One JVM runs broker and controller together (`process.roles=broker,controller`), from
 jars that Maven fetches once from Maven Central into `~/.cache/keypulse/kafka-<version>/lib`
-(`pom.xml` next to this module). Everything the broker writes lives under
-`<settings.data_dir>/kafka`:
+(`pom.xml` next to this module). Maven fetches with strict checksums (`-C`: a download without
+Central's checksum, or not matching it, fails), and every start holds the cache against
+`jars.sha256`, the SHA-256 of every jar on the broker's classpath committed with this module:
+a jar changed, missing or added after the fetch is refused before the JVM starts. Everything
+the broker writes lives under `<settings.data_dir>/kafka`:
 
     server.properties   rendered from the settings at every start
     cluster.id          the KRaft cluster id the storage was formatted with
@@ -21,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -52,11 +56,15 @@ KAFKA_VERSION = "4.1.1"
 MIN_JAVA = 17
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
+MANIFEST = HERE / "jars.sha256"  # `sha256sum -c` format; how to regenerate: its header
 LOG4J_CONFIG = HERE / "log4j2.properties"
 BROKER_MAIN = "kafka.Kafka"
 BROKER_JAR = f"kafka_2.13-{KAFKA_VERSION}.jar"
 JAVA_HINT = "install a JDK 17 or newer (e.g. apt-get install openjdk-17-jre-headless)"
 MAVEN_HINT = "install Maven 3.8 or newer (e.g. apt-get install maven)"
+REGENERATE_HINT = (
+    "if infra/kafka/pom.xml changed on purpose, regenerate infra/kafka/jars.sha256 (see its header)"
+)
 
 
 # -- prerequisites ----------------------------------------------------------------------
@@ -98,11 +106,18 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "keypulse" / f"kafka-{KAFKA_VERSION}"
 
 
-def ensure_jars(*, cache: Path | None = None, progress: Progress | None = None) -> Path:
-    """The directory holding the broker's jars, fetched with Maven the first time."""
+def ensure_jars(
+    *, cache: Path | None = None, manifest: Path = MANIFEST, progress: Progress | None = None
+) -> Path:
+    """The directory holding the broker's jars, fetched with Maven the first time.
+
+    The jars are held against `manifest` on every call (hashing all 44 MB takes 0.04-0.14 s),
+    so a jar changed in the cache after the fetch never reaches the JVM.
+    """
     root = cache or cache_dir()
     lib, marker = root / "lib", root / "lib.complete"
     if marker.is_file() and (lib / BROKER_JAR).is_file():
+        verify_jars(lib, manifest, remedy=_refetch_hint(root))
         return lib
     mvn = shutil.which("mvn")
     if mvn is None:
@@ -111,6 +126,7 @@ def ensure_jars(*, cache: Path | None = None, progress: Progress | None = None) 
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".lock"):
         if marker.is_file() and (lib / BROKER_JAR).is_file():  # another process fetched them
+            verify_jars(lib, manifest, remedy=_refetch_hint(root))
             return lib
         (progress or logger.info)(
             f"fetching Apache Kafka {KAFKA_VERSION} jars with Maven (first time only)…"
@@ -121,6 +137,7 @@ def ensure_jars(*, cache: Path | None = None, progress: Progress | None = None) 
             mvn,
             "-q",
             "-B",
+            "-C",  # --strict-checksums: a download that fails its checksum fails the fetch
             "-f",
             str(POM),
             "dependency:copy-dependencies",
@@ -136,10 +153,70 @@ def ensure_jars(*, cache: Path | None = None, progress: Progress | None = None) 
             tail = _tail_text(proc.stdout + proc.stderr, 15)
             msg = f"Maven could not fetch the Kafka jars (exit {proc.returncode}):\n{tail}"
             raise ServiceError(msg)
+        # before it becomes the cache; a mismatch here is the pom and the manifest disagreeing
+        verify_jars(partial, manifest, remedy=REGENERATE_HINT)
         shutil.rmtree(lib, ignore_errors=True)
         partial.rename(lib)
         marker.write_text(f"kafka {KAFKA_VERSION}\n")
     return lib
+
+
+def read_manifest(manifest: Path) -> dict[str, str]:
+    """Jar name → SHA-256 from `manifest` (`sha256sum` format; `#` lines are comments)."""
+    pinned: dict[str, str] = {}
+    for number, line in enumerate(manifest.read_text().splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split(maxsplit=1)
+        if len(fields) != 2 or not re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]):
+            msg = f"{manifest}:{number}: expected `<sha256>  <jar name>`, got {line!r}"
+            raise ServiceError(msg)
+        pinned[fields[1].removeprefix("*")] = fields[0].lower()
+    return pinned
+
+
+def verify_jars(lib: Path, manifest: Path = MANIFEST, *, remedy: str | None = None) -> None:
+    """Refuse `lib` unless its jars are exactly those of `manifest`, byte for byte.
+
+    The broker's classpath is `lib/*`, so a jar the manifest does not name is refused as
+    firmly as a changed one. One line names the first bad jar and `remedy` (by default:
+    delete the cache so the next start fetches the jars again).
+    """
+    try:
+        pinned = read_manifest(manifest)
+    except OSError as exc:
+        msg = f"cannot read the Kafka jar manifest {manifest}: {exc.strerror}"
+        raise ServiceError(msg) from None
+    present = _classpath_jars(lib)
+    problems = [f"{name} is not in {manifest.name}" for name in sorted(present.keys() - pinned)]
+    problems += [f"{name} is missing" for name in sorted(pinned.keys() - present.keys())]
+    problems += [
+        f"{name} does not match its SHA-256 in {manifest.name}"
+        for name in sorted(present.keys() & pinned.keys())
+        if _sha256(present[name]) != pinned[name]
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        msg = f"Kafka jars in {lib} refused: {problems[0]}{more}; {remedy or _refetch_hint(lib)}"
+        raise ServiceError(msg)
+
+
+def _refetch_hint(cache: Path) -> str:
+    return f"delete {cache} so the next start fetches them again"
+
+
+def _classpath_jars(lib: Path) -> dict[str, Path]:
+    """What the JVM loads from `-cp lib/*`: every file whose name ends in .jar or .JAR."""
+    return {
+        path.name: path
+        for path in lib.iterdir()
+        if path.suffix in (".jar", ".JAR") and path.is_file()
+    }
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 # -- broker files -----------------------------------------------------------------------

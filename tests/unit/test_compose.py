@@ -50,15 +50,18 @@ def test_every_service_has_a_pinned_image_and_a_healthcheck(compose: dict[str, A
         assert test, f"{name}: healthcheck.test"
 
 
-def test_named_volumes_are_declared(compose: dict[str, Any]) -> None:
+def _undeclared_volumes(compose: dict[str, Any]) -> list[str]:
     declared = set((compose.get("volumes") or {}).keys())
-    for name, service in _services(compose).items():
-        for source in _volume_sources(service):
-            if not _is_path(source):
-                assert source in declared, f"{name}: volume {source} is not declared"
+    return [
+        f"{name}: volume {source} is not declared"
+        for name, service in _services(compose).items()
+        for source in _volume_sources(service)
+        if not _is_path(source) and source not in declared
+    ]
 
 
-def test_local_files_exist(compose: dict[str, Any]) -> None:
+def _missing_local_files(compose: dict[str, Any]) -> list[str]:
+    missing = []
     for name, service in _services(compose).items():
         paths = [s for s in _volume_sources(service) if _is_path(s)]
         env_file = service.get("env_file", [])
@@ -68,8 +71,38 @@ def test_local_files_exist(compose: dict[str, Any]) -> None:
             paths.append(build)
         elif isinstance(build, dict):
             paths.append(build.get("context", "."))
-        for path in paths:
-            assert (REPO / Path(path).expanduser()).exists(), f"{name}: {path} does not exist"
+        missing += [f"{name}: {p}" for p in paths if not (REPO / Path(p).expanduser()).exists()]
+    return missing
+
+
+# Hand-made services that break both rules, so the checks are seen to fire: today's compose
+# file has no local files at all, and a check that never sees a bad entry proves nothing.
+BROKEN: dict[str, Any] = {
+    "services": {
+        "app": {
+            "volumes": ["app-data:/data", "./no-such-dir:/x", {"source": "cache", "target": "/c"}],
+            "env_file": ["./no-such.env"],
+            "build": {"context": "./no-such-context"},
+        },
+        "web": {"build": "./no-such-build", "volumes": ["./docs:/docs:ro"]},
+    },
+    "volumes": {"app-data": {}},
+}
+
+
+def test_named_volumes_are_declared(compose: dict[str, Any]) -> None:
+    assert _undeclared_volumes(compose) == []
+    assert _undeclared_volumes(BROKEN) == ["app: volume cache is not declared"]
+
+
+def test_local_files_exist(compose: dict[str, Any]) -> None:
+    assert _missing_local_files(compose) == []
+    assert _missing_local_files(BROKEN) == [
+        "app: ./no-such-dir",
+        "app: ./no-such.env",
+        "app: ./no-such-context",
+        "web: ./no-such-build",
+    ]  # ./docs exists, so web's volume passes
 
 
 def test_kafka_and_clickhouse_match_the_local_launcher(compose: dict[str, Any]) -> None:
