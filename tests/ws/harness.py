@@ -132,3 +132,21 @@ async def quiet(ws: ClientConnection, seconds: float = 0.3) -> None:
         return
     msg = f"unexpected frame: {text!r}"
     raise AssertionError(msg)
+
+
+def raw_upgrade(port: int, bearer: str | None = None) -> socket.socket:
+    """A raw WebSocket with a tiny receive buffer: upgraded (authenticated by header when
+    `bearer` is given), the handshake read, and nothing else read until the test says so."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    auth = f"Authorization: Bearer {bearer}\r\n" if bearer is not None else ""
+    sock.sendall((
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{auth}\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

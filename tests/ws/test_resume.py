@@ -19,7 +19,7 @@ from core.kafka import admin_config
 from core.settings import Settings
 from schemas.ws import client_frame
 from tests.ws import kafka_helpers as kh
-from tests.ws.harness import expect, login, quiet, recv, token
+from tests.ws.harness import expect, login, quiet, raw_upgrade, recv, token
 from ws_bridge import Limits
 from ws_bridge import cursor as cursors
 from ws_bridge.session import REPLAY_CHUNK_BYTES
@@ -233,17 +233,7 @@ def masked_text_frame(text: str) -> bytes:
 
 def raw_resumer(port: int, bearer: str, cursor: str) -> socket.socket:
     """A socket that sends `authenticate {token, resume_from}` and then never reads."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall((
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
+    sock = raw_upgrade(port)
     sock.sendall(masked_text_frame(client_frame(
         "authenticate", {"token": bearer, "resume_from": cursor})))
     return sock

@@ -4,14 +4,13 @@ everything, and the bridge's memory for it stays bounded."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import msgspec
 
 from core.settings import Settings
 from schemas.ws import ServerFrame
-from tests.ws.harness import login, token
+from tests.ws.harness import login, raw_upgrade, token
 from ws_bridge import Limits
 from ws_bridge.connection import CURSOR_NOTIFICATIONS, NOTIFICATIONS
 from ws_bridge.router import Mode, Routed
@@ -21,27 +20,11 @@ BROADCASTS = 40
 SLOW_MESSAGES = 3000
 
 
-def raw_never_reader(port: int, bearer: str) -> socket.socket:
-    """A WebSocket that authenticates by header, reads the handshake, then never reads."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall((
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {bearer}\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
 def test_never_reading_client_is_isolated(unit_settings: Settings, bridges) -> None:  # type: ignore[no-untyped-def]
     settings = unit_settings.model_copy(update={"ws_max_connections_per_user": 5})
     server = bridges(settings, kafka=False, limits=Limits(max_queue=32))
     bridge = server.bridge
-    slow = raw_never_reader(server.port, token(settings, "slow"))
+    slow = raw_upgrade(server.port, token(settings, "slow"))
 
     async def main() -> None:
         clients = []

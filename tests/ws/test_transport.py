@@ -15,7 +15,7 @@ import pytest
 
 from core.clock import ManualClock
 from core.settings import Settings
-from tests.ws.harness import Server, login, token
+from tests.ws.harness import Server, login, raw_upgrade, token
 from ws_bridge import Limits
 from ws_bridge import transport as transport_module
 from ws_bridge.connection import API_KEYS, CLOSE_OVERFLOW, Connection, State
@@ -294,22 +294,6 @@ def test_order_and_seq_with_broadcasts(unit_settings: Settings, bridges, writer_
     asyncio.run(main())
 
 
-def raw_client(port: int, bearer: str) -> socket.socket:
-    """A WebSocket authenticated by header that reads nothing until told (tiny receive buffer)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall((
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {bearer}\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
 def read_frames(sock: socket.socket, until: str | None = None,
                 timeout: float = 20) -> tuple[list[dict[str, Any]], int | None]:
     """Server frames up to the close frame, EOF or the `until` event: (decoded texts, close
@@ -364,7 +348,7 @@ async def fill_until_behind(conn: Connection, payload: str) -> int:
 def test_slow_reader_gets_coalesced_stats_and_no_seq_gap(unit_settings: Settings, bridges,  # type: ignore[no-untyped-def]
                                                          writer_kind: str) -> None:
     server = serve(bridges, unit_settings, writer_kind, max_queue=64)
-    sock = raw_client(server.port, token(unit_settings, "slow"))
+    sock = raw_upgrade(server.port, token(unit_settings, "slow"))
     try:
         deadline = time.monotonic() + 5
         while "slow" not in server.bridge.registry.by_user and time.monotonic() < deadline:
@@ -399,7 +383,7 @@ def test_slow_reader_gets_coalesced_stats_and_no_seq_gap(unit_settings: Settings
 def test_overflow_closes_4008_after_gapless_frames(unit_settings: Settings, bridges,  # type: ignore[no-untyped-def]
                                                    writer_kind: str) -> None:
     server = serve(bridges, unit_settings, writer_kind, max_queue=16)
-    sock = raw_client(server.port, token(unit_settings, "slow"))
+    sock = raw_upgrade(server.port, token(unit_settings, "slow"))
     try:
         deadline = time.monotonic() + 5
         while "slow" not in server.bridge.registry.by_user and time.monotonic() < deadline:
