@@ -7,6 +7,7 @@ state          the processor's snapshot: STATE_VERSION and the one upgrade() of 
 windows        watermark and window accumulators; exact percentiles
 rows           pure mapping from events and stats to ClickHouse rows
 sinks          ClickHouse + Kafka writer, flushed before every snapshot (idempotent replays)
+dead_letters   what a DLQ record carries, and a writer that always gets it on the DLQ
 flow           `build_flow(source, sink, ...)`: tests pass TestingSource/TestingSink
 runner         `keypulse pipeline`: always with recovery, one process or a cluster; health
 metrics        counters and per-partition watermarks read by /metrics and /healthz

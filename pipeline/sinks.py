@@ -21,7 +21,6 @@ large for it is stored truncated, with its original size and SHA-256 in headers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -32,7 +31,7 @@ from typing import Any
 import msgspec
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaException, Producer
 
 from core import topics
 from core.clock import to_ms
@@ -45,7 +44,15 @@ from core.outputs import (
     USAGE_STATS_OUTPUT,
     Output,
 )
-from pipeline.items import DeadLetter, PartitionOutput
+from pipeline.dead_letters import (
+    DEFAULT_MESSAGE_MAX_BYTES,
+    ERROR_MAX_CHARS,
+    DeadLetterWriter,
+    Headers,
+    dead_letter_headers,
+    first_line,
+)
+from pipeline.items import PartitionOutput
 from pipeline.metrics import METRICS, PipelineMetrics
 from pipeline.rows import encode_rows
 from pipeline.windows import NO_WINDOW
@@ -77,16 +84,6 @@ _ROW_SETTINGS = {
     "input_format_null_as_default": 1,
     **_ONE_THREAD,
 }
-
-Headers = list[tuple[str, str | bytes | None]]
-
-DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's message.max.bytes
-# What a record costs beyond its key, value and header bytes (librdkafka counts a v2 record's
-# framing against message.max.bytes); generous, so a fitted dead letter is never refused.
-_RECORD_OVERHEAD = 1024
-_KEY_MAX_BYTES = 1024  # a dead letter's key, when the key alone would crowd out the value
-_ERROR_MAX_CHARS = 500  # of the engine's error in `keypulse.error`
-_DLQ_ATTEMPTS = 3
 
 
 class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
@@ -144,9 +141,6 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         self.metrics = sink.metrics
         self.client: Client  # opened by the writer thread: ClickHouse may still be migrating
         self.producer = Producer(sink.producer_config)
-        self.max_message_bytes = int(
-            sink.producer_config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
-        )
         self.chunks: list[bytes] = []  # encoded event rows (EventRows.data)
         self.buffered_rows = 0
         self.buffered_from_ms = NO_WINDOW  # the earliest window the buffered rows count in
@@ -155,7 +149,9 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         self.notifications: list[Any] = []
         self.alerts_buffered = 0.0
         self.source_topic = sink.topic_name(topics.USAGE_EVENTS)
-        self.topic_dlq = sink.topic_name(topics.USAGE_EVENTS_DLQ)
+        self.dlq = DeadLetterWriter(
+            self.producer, sink.topic_name(topics.USAGE_EVENTS_DLQ), sink.metrics,
+            int(sink.producer_config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)))
         self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=3)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="keypulse-writer", daemon=True)
@@ -179,7 +175,7 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             alerts.extend(out.alerts)
             notifications.extend(out.notifications)
             for dead in out.dead_letters:
-                self._dead_letter(dead.key, dead.value,
+                self.dlq.write(dead.key, dead.value,
                                   dead_letter_headers(dead, self.source_topic))
         if stats:
             # The events of closing windows go first. Live, the buffer holds the last half
@@ -299,7 +295,7 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         headers = self._storage_headers(output, error)
         headers.append(("keypulse.output.topic", self.sink.topic_name(output.topic).encode()))
         for record, value in zip(records, encoded, strict=True):
-            self._dead_letter(record.user_id.encode(), value, headers)
+            self.dlq.write(record.user_id.encode(), value, headers)
         self.metrics.add(storage_dead_lettered=len(records))
         if output is USAGE_STATS_OUTPUT:
             self.metrics.add(stats_unpublished=len(records))
@@ -322,13 +318,13 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
                                 str(named["kafka_partition"]).encode()),
                                ("keypulse.source.offset", str(named["kafka_offset"]).encode())]
             key = str(named.get(key_column, "")).encode()
-            self._dead_letter(key, _encoder.encode(named), row_headers)
+            self.dlq.write(key, _encoder.encode(named), row_headers)
         self.metrics.add(storage_dead_lettered=len(rows))
 
     def _storage_headers(self, output: Output, error: str) -> Headers:
         return [
             ("keypulse.reason", b"storage_error"),
-            ("keypulse.error", error[:_ERROR_MAX_CHARS].encode()),
+            ("keypulse.error", error[:ERROR_MAX_CHARS].encode()),
             ("keypulse.table", output.qualified_table(self.sink.database).encode()),
         ]
 
@@ -375,51 +371,12 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             except KafkaException as exc:
                 error = first_line(exc)
                 logger.exception("publishing to %s failed, dead-lettered: %s", topic, error)
-                self._dead_letter(key, value, [
+                self.dlq.write(key, value, [
                     ("keypulse.reason", b"publish_error"),
-                    ("keypulse.error", error[:_ERROR_MAX_CHARS].encode()),
+                    ("keypulse.error", error[:ERROR_MAX_CHARS].encode()),
                     ("keypulse.output.topic", topic.encode()),
                 ])
                 return
-
-    def _dead_letter(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
-        """Produce to the DLQ, which always takes the record: too large → truncated (with the
-        original size and SHA-256 in headers); refused even then → logged and counted, never
-        raised. A None value is produced as a tombstone."""
-        limit = self.max_message_bytes
-        for _ in range(_DLQ_ATTEMPTS):
-            fitted_key, fitted, fitted_headers = fit_dead_letter(key, value, headers, limit)
-            try:
-                self._produce_dlq(fitted_key, fitted, fitted_headers)
-            except KafkaException as exc:
-                error = exc.args[0] if exc.args else None
-                if isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-                    limit //= 2  # the overhead was larger than reckoned: leave more room
-                logger.warning("DLQ produce failed, trying again: %s", first_line(exc))
-                self.producer.poll(0.05)
-                continue
-            if any(name == "keypulse.truncated" for name, _ in fitted_headers):
-                self.metrics.add(dlq_truncated=1)
-            return
-        self._dlq_failed(f"refused {_DLQ_ATTEMPTS} times", headers)
-
-    def _produce_dlq(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
-        while True:
-            try:
-                self.producer.produce(self.topic_dlq, value, key, headers=headers,
-                                      on_delivery=self._dlq_delivered)
-                return
-            except BufferError:  # the local queue is full: wait for deliveries, never drop
-                self.producer.poll(0.05)
-
-    def _dlq_delivered(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            self._dlq_failed(f"not delivered: {err.str()}", msg.headers() or [])
-
-    def _dlq_failed(self, why: str, headers: Headers) -> None:
-        self.metrics.add(dlq_failed=1)
-        logger.error("DEAD LETTER LOST (%s) %s: %s", self.topic_dlq, why,
-                     {name: value for name, value in headers if name != "keypulse.error"})
 
 
 def insert(client: Client, output: Output, database: str, data: bytes) -> None:
@@ -428,54 +385,3 @@ def insert(client: Client, output: Output, database: str, data: bytes) -> None:
     settings = _ROW_SETTINGS if output.fmt == JSON_COMPACT_EACH_ROW else _JSON_SETTINGS
     client.raw_insert(output.qualified_table(database), output.columns, data, fmt=output.fmt,
                       settings=settings)
-
-
-def dead_letter_headers(dead: DeadLetter, source_topic: str) -> Headers:
-    """The DLQ keeps the original key and value bytes; why and where go in headers."""
-    return [
-        ("keypulse.reason", dead.reason.encode()),
-        ("keypulse.source.topic", source_topic.encode()),
-        ("keypulse.source.partition", str(dead.partition).encode()),
-        ("keypulse.source.offset", str(dead.offset).encode()),
-    ]
-
-
-def fit_dead_letter(
-    key: bytes | None, value: bytes | None, headers: Headers, max_message_bytes: int
-) -> tuple[bytes | None, bytes | None, Headers]:
-    """Key, value and headers that fit under `max_message_bytes` (the producer's
-    message.max.bytes). Within it, all three come back as they are; else the value is
-    truncated and headers `keypulse.original.size`, `keypulse.original.sha256` (of the full
-    value) and `keypulse.truncated: 1` say so (a key longer than 1 KiB is cut as well, with
-    `keypulse.original.key.size`)."""
-    if _record_size(key, value, headers) <= max_message_bytes:
-        return key, value, headers
-    fitted_headers = list(headers)
-    if key is not None and len(key) > _KEY_MAX_BYTES:
-        fitted_headers.append(("keypulse.original.key.size", str(len(key)).encode()))
-        key = key[:_KEY_MAX_BYTES]
-    if value is not None and _record_size(key, value, fitted_headers) > max_message_bytes:
-        fitted_headers += [
-            ("keypulse.original.size", str(len(value)).encode()),
-            ("keypulse.original.sha256", hashlib.sha256(value).hexdigest().encode()),
-            ("keypulse.truncated", b"1"),
-        ]
-        room = max_message_bytes - _record_size(key, b"", fitted_headers)
-        value = value[: max(room, 0)]
-    return key, value, fitted_headers
-
-
-def _record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
-    """What a record counts against message.max.bytes, reckoned generously."""
-    return len(key or b"") + len(value or b"") + _headers_size(headers) + _RECORD_OVERHEAD
-
-
-def _headers_size(headers: Headers) -> int:
-    """Header bytes as a record carries them, with room for their length varints."""
-    return sum(len(name) + len(value or b"") + 10 for name, value in headers)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an engine's (or client's) error: what a DLQ header and a log show."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

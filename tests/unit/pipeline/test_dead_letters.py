@@ -4,14 +4,13 @@ message.max.bytes, and a record the producer refuses even then is counted, never
 from __future__ import annotations
 
 import hashlib
-from typing import cast
 
-from clickhouse_connect.driver.client import Client
+from confluent_kafka import Producer
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.dead_letters import DeadLetterWriter, Headers, _headers_size, fit_dead_letter
 from pipeline.metrics import PipelineMetrics
-from pipeline.sinks import Headers, OutputSink, _headers_size, fit_dead_letter
 
 HEADERS: Headers = [("keypulse.reason", b"invalid"), ("keypulse.source.topic", b"usage.events"),
                     ("keypulse.source.partition", b"3"), ("keypulse.source.offset", b"12345")]
@@ -61,15 +60,9 @@ def test_the_reported_million_byte_value_fits_the_default_limit() -> None:
 def test_a_record_the_dlq_refuses_is_counted_not_raised() -> None:
     """Headers alone over message.max.bytes: librdkafka refuses every attempt."""
     metrics = PipelineMetrics()
-    sink = OutputSink(lambda: cast(Client, None),
-                      {"bootstrap.servers": "127.0.0.1:1", "message.max.bytes": 1000},
-                      lambda name: name, "keypulse", metrics=metrics)
-    part = sink.build_part("output", "writer-0", None)
-    try:
-        part._dead_letter(b"u", b"v", [("keypulse.reason", b"x" * 5000)])
-        part._dead_letter(b"u", None, [("keypulse.reason", b"x" * 5000)])
-    finally:
-        part.jobs.put(None)
-        part.thread.join(5)
+    producer = Producer({"bootstrap.servers": "127.0.0.1:1", "message.max.bytes": 1000})
+    writer = DeadLetterWriter(producer, "usage.events.dlq", metrics, max_message_bytes=1000)
+    writer.write(b"u", b"v", [("keypulse.reason", b"x" * 5000)])
+    writer.write(b"u", None, [("keypulse.reason", b"x" * 5000)])
     assert metrics.dlq_failed == 2
     assert metrics.dlq_truncated == 0
