@@ -12,7 +12,7 @@ from fastapi import APIRouter, FastAPI
 
 from api import errors
 from api.responses import MsgspecResponse
-from api.routes import admin, health, system
+from api.routes import admin, clickhouse, events, health, system
 from core import __version__
 from core.clock import Clock, system_clock
 from core.settings import Settings
@@ -45,6 +45,8 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
     app.include_router(health.router)
     app.include_router(system.router)
     app.include_router(admin.router)
+    app.include_router(events.router)
+    app.include_router(clickhouse.router)
     for router in routers:
         app.include_router(router)
     return app

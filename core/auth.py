@@ -32,7 +32,13 @@ MAX_USER_ID_CHARS = 128
 MAX_ROLES = 32
 MAX_ROLE_CHARS = 64
 MAX_EPOCH_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z: any later time claim is refused
+# Roles (DESIGN §8). A token without roles acts as USER_ROLE (the WebSocket's tokens have none).
+USER_ROLE = "user"  # own data only: the user filter comes from `sub`
 ADMIN_ROLE = "admin"
+INGEST_ROLE = "ingest"  # posts usage events for any user
+SERVICE_ROLE = "service"  # the key-management backend: API-key lifecycle events for any user
+ANALYST_ROLE = "analyst"  # read-only SQL
+ROLES = (USER_ROLE, ADMIN_ROLE, INGEST_ROLE, SERVICE_ROLE, ANALYST_ROLE)
 
 
 class AuthError(KeypulseError):

@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     # HTTP server limits (uvicorn/h11): header bytes, header-read timeout.
     http_max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     http_header_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    # POST /v1/events: per-caller (token `sub`) token bucket in events/s, its burst (at least
+    # one full batch), and how long Kafka has to confirm a batch before the answer is 503.
+    ingest_rate_per_second: float = Field(50_000.0, gt=0)
+    ingest_burst: int = Field(100_000, ge=1000)
+    ingest_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    # /clickhouse/ and `keypulse sql` (read-only SQL): per-query time and result-size limits.
+    sql_max_seconds: int = Field(30, ge=1, le=3600)
+    sql_max_result_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    sql_max_result_rows: int = Field(10_000_000, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("ws_allowed_origins", mode="before")

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "ws": "the WebSocket bridge alone",
     "gen": "emit realistic usage events to Kafka (SDK stand-in and load generator)",
     "token": "mint a JWT with the configured secret",
+    "sql": "read-only SQL on the store (through the running API, else directly)",
 }
 
 

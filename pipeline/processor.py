@@ -43,7 +43,7 @@ from pipeline.metrics import METRICS, PipelineMetrics
 from pipeline.rows import encode_row_into
 from pipeline.state import STATE_VERSION, load_state, upgrade
 from pipeline.windows import NEG_INF, NO_WINDOW, Watermark, WindowAcc, close_window, window_bounds
-from schemas.events import InvalidEvent, decode_event
+from schemas.events import InvalidEvent, decode_event, ts_bounds, ts_reason
 from schemas.stats import StatsRecord
 
 if TYPE_CHECKING:
@@ -54,13 +54,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RUN_ID = uuid.uuid4().hex  # one per process: wall time is trusted only within a run
-DAY_MS = 86_400_000
 
 # Dead-letter reasons of the processor (`keypulse.reason` starts with one of them; schema
 # failures carry the field and rule instead, e.g. "ts: required field missing").
 TOMBSTONE = "tombstone"
-TS_IN_FUTURE = "ts_in_future"
-TS_BEYOND_RETENTION = "ts_beyond_retention"
 TOO_MANY_SERVICES = "too_many_services"
 
 
@@ -209,8 +206,8 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
     def _process(self, batch: SourceBatch, out: PartitionOutput) -> None:
         config = self.config
         wall_ms = batch.wall_ms  # the source's clock at poll time: no clock read per event
-        newest_ms = wall_ms + config.max_clock_skew_seconds * 1000  # admission bounds
-        oldest_ms = wall_ms - config.events_ttl_days * DAY_MS
+        oldest_ms, newest_ms = ts_bounds(  # admission (DESIGN §1), once per batch
+            wall_ms, config.max_clock_skew_seconds, config.events_ttl_days)
         watermark = self.watermark
         watermark.observe_wall(wall_ms, batch.caught_up, self.run_id)
         watermark.bound(newest_ms)
@@ -377,8 +374,4 @@ class PartitionProcessor(StatefulBatchLogic[Any, PartitionOutput, bytes]):
 
 def _ts_reason(ts_ms: int, wall_ms: int, config: ProcessorConfig) -> str:
     """Why an event's time is not admitted (the rare path: formatted only then)."""
-    if ts_ms > wall_ms:
-        return (f"{TS_IN_FUTURE}: {ts_ms - wall_ms} ms ahead of the time it was read "
-                f"(max_clock_skew_seconds = {config.max_clock_skew_seconds})")
-    return (f"{TS_BEYOND_RETENTION}: {(wall_ms - ts_ms) // DAY_MS} days old, older than the "
-            f"raw events' retention (events_ttl_days = {config.events_ttl_days})")
+    return ts_reason(ts_ms, wall_ms, config.max_clock_skew_seconds, config.events_ttl_days)

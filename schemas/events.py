@@ -160,6 +160,28 @@ def encode_event(event: UsageEvent) -> bytes:
     return _encoder.encode(event)
 
 
+# Event-time admission (DESIGN §1), shared by the pipeline and `POST /v1/events`: an event more
+# than max_clock_skew_seconds ahead of the time it is read, or older than events_ttl_days, is
+# refused with one of these reasons.
+TS_IN_FUTURE = "ts_in_future"
+TS_BEYOND_RETENTION = "ts_beyond_retention"
+_DAY_MS = 86_400_000
+
+
+def ts_bounds(wall_ms: int, max_clock_skew_seconds: int, events_ttl_days: int) -> tuple[int, int]:
+    """The admitted event times `(oldest_ms, newest_ms)`, inclusive, at wall time `wall_ms`."""
+    return wall_ms - events_ttl_days * _DAY_MS, wall_ms + max_clock_skew_seconds * 1000
+
+
+def ts_reason(ts_ms: int, wall_ms: int, max_clock_skew_seconds: int, events_ttl_days: int) -> str:
+    """Why an event's time (already found outside `ts_bounds`) is not admitted."""
+    if ts_ms > wall_ms:
+        return (f"{TS_IN_FUTURE}: {ts_ms - wall_ms} ms ahead of the time it was read "
+                f"(max_clock_skew_seconds = {max_clock_skew_seconds})")
+    return (f"{TS_BEYOND_RETENTION}: {(wall_ms - ts_ms) // _DAY_MS} days old, older than the "
+            f"raw events' retention (events_ttl_days = {events_ttl_days})")
+
+
 # The reasons msgspec gives for `ts`, in words an SDK author can act on.
 _TS_REASONS = {
     "Expected `int | float | datetime`": "expected an RFC 3339 string or epoch milliseconds",

@@ -11,7 +11,8 @@ from keypulse.cli import COMMANDS, build_parser, main
 
 
 def test_the_commands_of_the_design_exist() -> None:
-    assert set(COMMANDS) == {"kafka", "migrate", "run", "pipeline", "api", "ws", "gen", "token"}
+    assert set(COMMANDS) == {"kafka", "migrate", "run", "pipeline", "api", "ws", "gen", "token",
+                             "sql"}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

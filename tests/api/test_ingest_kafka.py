@@ -1,0 +1,77 @@
+"""`POST /v1/events` against the real broker: a 202 means the accepted events are on
+`usage.events` already (confirmed, not merely queued), keyed by user_id, and the rejected ones
+are not."""
+
+from __future__ import annotations
+
+import gzip
+import time
+import uuid
+
+import msgspec
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from fastapi.testclient import TestClient
+
+from api import create_app
+from core.auth import mint_token
+from core.kafka import consumer_config
+from core.settings import Settings
+from core.topics import USAGE_EVENTS
+
+pytestmark = pytest.mark.integration
+
+
+def _read_topic(settings: Settings) -> list[tuple[bytes | None, bytes | None]]:
+    """Every message now on usage.events, by its watermarks: no waiting for more to arrive."""
+    topic = settings.topic(USAGE_EVENTS)
+    consumer = Consumer(consumer_config(settings, group_id=f"test-{uuid.uuid4().hex[:8]}"))
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                for p in partitions}
+        expected = sum(high - low for low, high in ends.values())
+        consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in ends.items()])
+        found: list[tuple[bytes | None, bytes | None]] = []
+        deadline = time.monotonic() + 30
+        while len(found) < expected and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                found.append((msg.key(), msg.value()))
+        assert len(found) == expected
+        return found
+    finally:
+        consumer.close()
+
+
+def _event(user: str, i: int, **changes: object) -> dict[str, object]:
+    found: dict[str, object] = {
+        "event_id": f"e{i}", "ts": int(time.time() * 1000), "user_id": user,
+        "api_key_id": "k1", "service": "openai", "status_code": 200, "latency_ms": 3.0}
+    found.update(changes)
+    return found
+
+
+def test_accepted_events_are_on_the_topic_keyed_by_user_and_rejected_ones_are_not(
+        kafka_settings: Settings) -> None:
+    ingest = mint_token(kafka_settings, "collector", roles=("ingest",))
+    user = mint_token(kafka_settings, "user-1", roles=("user",))
+    with TestClient(create_app(kafka_settings)) as client:
+        batch = [_event("user-1", 0), _event("user-2", 1), _event("user-3", 2, status_code=42),
+                 _event("user-2", 3)]
+        first = client.post("/v1/events", content=msgspec.json.encode(batch),
+                            headers={"Authorization": f"Bearer {ingest}"})
+        assert first.status_code == 202
+        assert first.json()["accepted"] == 3
+        assert [r["index"] for r in first.json()["rejected"]] == [2]
+        second = client.post(
+            "/v1/events", headers={"Authorization": f"Bearer {user}", "Content-Encoding": "gzip"},
+            content=gzip.compress(msgspec.json.encode(
+                {"events": [_event("user-1", 4), _event("user-9", 5)]})))
+        assert second.status_code == 202
+        assert second.json()["accepted"] == 1
+    on_topic = _read_topic(kafka_settings)  # right after the 202s: confirmed means there
+    found = sorted((key, msgspec.json.decode(value)["event_id"])
+                   for key, value in on_topic if key is not None and value is not None)
+    assert found == [(b"user-1", "e0"), (b"user-1", "e4"), (b"user-2", "e1"), (b"user-2", "e3")]
+    assert len(on_topic) == 4
