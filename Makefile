@@ -13,7 +13,7 @@ help:
 	@echo "make run    - Kafka + schema + keypulse run with demo traffic (Ctrl-C stops it)"
 	@echo "make test   - the whole suite (starts a test Kafka on 127.0.0.1:19092 if none answers)"
 	@echo "make lint   - ruff and mypy --strict"
-	@echo "make bench  - bench/decode.py, bench/pipeline.py, bench/ws.py"
+	@echo "make bench  - bench/decode.py, bench/pipeline.py, bench/ws.py, bench/api.py"
 	@echo "make clean  - remove .venv, data and caches (the Kafka jar cache in ~/.cache stays)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -62,6 +62,7 @@ bench: install
 	$(BIN)/python bench/decode.py
 	KEYPULSE_DEV=1 $(BIN)/python bench/pipeline.py
 	KEYPULSE_DEV=1 $(BIN)/python bench/ws.py
+	KEYPULSE_DEV=1 $(BIN)/python bench/api.py
 
 clean:
 	-KEYPULSE_DEV=1 $(BIN)/keypulse kafka stop 2>/dev/null
