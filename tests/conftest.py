@@ -75,7 +75,7 @@ def topic_prefix() -> str:
 
 @pytest.fixture
 def kafka_settings(kafka: Settings, topic_prefix: str) -> Iterator[Settings]:
-    """Settings whose topics (infra/topics.py, with this test's prefix) exist; deleted after."""
+    """Settings whose topics (core/topics.py, with this test's prefix) exist; deleted after."""
     prefixed = kafka.model_copy(update={"topic_prefix": topic_prefix})
     launcher.ensure_topics(prefixed)
     yield prefixed
