@@ -22,6 +22,7 @@ from fastapi import Request
 from api.errors import APIError
 from core.clock import Clock
 from core.kafka import producer_config
+from core.limits import TokenBucket
 from core.settings import Settings
 from core.topics import USAGE_EVENTS
 
@@ -98,8 +99,9 @@ def parse_batch(body: bytes) -> list[msgspec.Raw]:
 
 
 class RateLimiter:
-    """A token bucket per caller: `rate` events/s, holding at most `burst`. Thread-safe; full
-    (idle) buckets are forgotten when many callers are tracked, so memory stays bounded."""
+    """A token bucket per caller (core.limits): `rate` events/s, holding at most `burst`.
+    Thread-safe; full (idle) buckets are forgotten when many callers are tracked, so memory
+    stays bounded."""
 
     MAX_CALLERS = 100_000
 
@@ -107,29 +109,19 @@ class RateLimiter:
         self.rate = rate
         self.burst = float(burst)
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # caller → (tokens, at)
+        self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
 
     def take(self, caller: str, cost: int) -> float:
         """Takes `cost` tokens and answers 0, or takes none and answers the seconds to wait."""
-        cost_f = min(float(cost), self.burst)
         with self._lock:
-            now = self.clock()
-            tokens, at = self._buckets.get(caller, (self.burst, now))
-            tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
-            if tokens >= cost_f:
-                self._buckets[caller] = (tokens - cost_f, now)
-                return 0.0
-            self._buckets[caller] = (tokens, now)
-            if len(self._buckets) > self.MAX_CALLERS:
-                self._forget_full(now)
-            return (cost_f - tokens) / self.rate
-
-    def _forget_full(self, now: float) -> None:
-        full = [caller for caller, (tokens, at) in self._buckets.items()
-                if tokens + (now - at) * self.rate >= self.burst]
-        for caller in full:
-            del self._buckets[caller]
+            bucket = self._buckets.get(caller)
+            if bucket is None:
+                bucket = self._buckets[caller] = TokenBucket(self.rate, self.burst, self.clock)
+            wait = bucket.wait(min(float(cost), self.burst))
+            if wait and len(self._buckets) > self.MAX_CALLERS:
+                self._buckets = {c: b for c, b in self._buckets.items() if not b.full()}
+            return wait
 
 
 class EventProducer:

@@ -12,7 +12,7 @@
     KafkaFeed, BridgeProducer               kafka_feed.py, producer.py: the Kafka threads
     Replay                                  resume.py: missed alerts/notifications, bounded
     Monitor                                 monitoring.py: system_stats for admins
-    TokenBucket                             limits.py: client frame rates
+    (TokenBucket)                           core/limits.py: client frame rates
     find_secret                             key_secrets.py: what a key secret looks like
 """
 

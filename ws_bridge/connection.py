@@ -29,8 +29,8 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
+from core.limits import TokenBucket
 from ws_bridge import cursor
-from ws_bridge.limits import TokenBucket
 from ws_bridge.stats import BridgeStats
 from ws_bridge.transport import FrameWriter, writer_for
 

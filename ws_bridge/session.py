@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from core.auth import AuthError, Principal, verify_token
 from core.clock import Clock
+from core.limits import TokenBucket
 from core.settings import Settings
 from schemas.ws import (
     MAX_FRAME_BYTES,
@@ -53,7 +54,6 @@ from ws_bridge.connection import (
     CLOSE_UNAUTHORIZED,
     Connection,
 )
-from ws_bridge.limits import TokenBucket
 from ws_bridge.registry import Registry
 from ws_bridge.resume import Bounds, Replay, ReplayTimeout, Span
 from ws_bridge.router import Kind, Router

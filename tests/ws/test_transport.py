@@ -14,12 +14,12 @@ import msgspec
 import pytest
 
 from core.clock import ManualClock
+from core.limits import TokenBucket
 from core.settings import Settings
 from tests.ws.harness import Server, login, raw_upgrade, token
 from ws_bridge import Limits
 from ws_bridge import transport as transport_module
 from ws_bridge.connection import API_KEYS, CLOSE_OVERFLOW, Connection, State
-from ws_bridge.limits import TokenBucket
 from ws_bridge.router import Mode, Routed
 from ws_bridge.stats import BridgeStats
 from ws_bridge.transport import AsgiWriter
