@@ -53,3 +53,38 @@ def described(kind: Any, status: int = 200, description: str = "Success"
     """`responses=` for a route answering `kind` with `status`."""
     return {status: {"description": description,
                      "content": {"application/json": {"schema": schema(kind)}}}}
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
+    code: str  # stable and machine-readable: "invalid_request", "forbidden", ...
+    message: str  # for a person
+    field: str | None = None  # the parameter or body field at fault, when there is one
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """Every error the API answers (DESIGN §8)."""
+
+    error: ErrorDetail
+
+
+_ERROR_SCHEMA = schema(ErrorBody)
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
+                                "schema": {"type": "integer", "minimum": 1}}}
+
+
+def failures(described_errors: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for a route's errors, `{status: when}`, each with the error
+    body's schema (and `Retry-After` on 429 and 503):
+
+        responses={**described(Summary), **failures({400: "`to` is not after `from`"})}
+    """
+    found: dict[int | str, dict[str, Any]] = {}
+    for status, when in described_errors.items():
+        entry: dict[str, Any] = {
+            "description": when,
+            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+        }
+        if status in (429, 503):
+            entry["headers"] = _RETRY_AFTER
+        found[status] = entry
+    return found

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     clickhouse_dsn: str = ""
     clickhouse_database: str = "keypulse"
     events_ttl_days: int = Field(30, ge=1, le=3650)
+    # Retention of the 10 s stats and of the 1 m / 1 h / 1 d rollups (docs/analytics.md).
+    stats_ttl_days: int = Field(30, ge=1, le=3650)
+    rollup_1m_ttl_days: int = Field(90, ge=1, le=3650)
+    rollup_1h_ttl_days: int = Field(400, ge=1, le=3650)
+    rollup_1d_ttl_days: int = Field(1830, ge=1, le=36500)
 
     jwt_secret: SecretStr = SecretStr("")
     jwt_audience: str = "keypulse"

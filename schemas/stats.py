@@ -36,3 +36,8 @@ class StatsRecord(msgspec.Struct, kw_only=True, frozen=True):
     tokens_out: Count
     cost_usd: NonNeg
     schema_version: int = 1
+    # The window's latencies, mergeable (core/sketch.py): their exact sum, and the sketch's
+    # bins (ascending) with their counts. A range's percentiles merge these bins.
+    latency_sum_ms: NonNeg = 0.0
+    latency_bins: list[int] = msgspec.field(default_factory=list)
+    latency_bin_counts: list[int] = msgspec.field(default_factory=list)

@@ -51,7 +51,10 @@ def load_migrations(settings: Settings) -> list[Migration]:
     if not _IDENT.match(db):
         msg = f"KEYPULSE_CLICKHOUSE_DATABASE: not a valid identifier: {db!r}"
         raise ConfigError(msg)
-    params = {"db": db, "events_ttl_days": str(int(settings.events_ttl_days))}
+    params = {"db": db}
+    for name in ("events_ttl_days", "stats_ttl_days", "rollup_1m_ttl_days",
+                 "rollup_1h_ttl_days", "rollup_1d_ttl_days"):
+        params[name] = str(int(getattr(settings, name)))
     folder = resources.files("infra.clickhouse") / "migrations"
     versioned: list[Migration] = []
     repeatable: list[Migration] = []
