@@ -10,15 +10,36 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from api import errors
+from api import errors, openapi
 from api.responses import MsgspecResponse
-from api.routes import admin, clickhouse, events, health, system
+from api.routes import admin, clickhouse, events, health, system, usage, usage_events
 from core import __version__
 from core.clock import Clock, system_clock
 from core.settings import Settings
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 HealthCheck = Callable[[], str | None]  # why the process is not healthy, or None
+
+DESCRIPTION = """Real-time usage analytics for managed API keys (DESIGN §8).
+
+**Auth**: `Authorization: Bearer <JWT>` (`keypulse token --role ...`), the WebSocket's tokens.
+Roles: `user` (own data only: the user comes from the token's `sub`, never from a parameter),
+`admin`, `ingest`, `service`, `analyst` (read-only SQL on `/clickhouse/`).
+
+**Errors**: `{"error": {"code", "message", "field"?}}` with the status that says why; `429` and
+`503` carry `Retry-After`. Bad input never answers a 5xx.
+
+**Conventions**: times are RFC 3339 or epoch milliseconds, ranges are `[from, to)`; lists answer
+`{"items": [...], "next_cursor": ...}`; analytics answers use the stats record's field names."""
+TAGS = [
+    {"name": "events", "description": "ingest usage events (to Kafka, confirmed)"},
+    {"name": "usage", "description": "a user's analytics: summary, time series, breakdowns, "
+                                     "raw events, exports"},
+    {"name": "sql", "description": "read-only SQL for analysts (ClickHouse's HTTP interface)"},
+    {"name": "admin", "description": "administration (role `admin`)"},
+    {"name": "health", "description": "liveness and Prometheus metrics"},
+    {"name": "system", "description": "process and machine stats"},
+]
 
 
 def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
@@ -37,16 +58,21 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
             yield
 
     app = FastAPI(title="keypulse", version=__version__, lifespan=lifespan,
-                  default_response_class=MsgspecResponse)
+                  default_response_class=MsgspecResponse, description=DESCRIPTION,
+                  servers=[{"url": "/", "description": "the keypulse serving this document"}],
+                  openapi_tags=TAGS)
     app.state.settings = settings
     app.state.clock = clock
     app.state.health_checks = tuple(health_checks)
     errors.install(app)
+    openapi.install(app, security_schemes=clickhouse.SECURITY_SCHEMES)
     app.include_router(health.router)
     app.include_router(system.router)
     app.include_router(admin.router)
     app.include_router(events.router)
     app.include_router(clickhouse.router)
+    app.include_router(usage.router)
+    app.include_router(usage_events.router)
     for router in routers:
         app.include_router(router)
     return app

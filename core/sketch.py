@@ -84,6 +84,8 @@ def quantile(keys: Sequence[int], counts: Sequence[int], q: float,
     if n == 0:
         return None
     rank = max(1, math.ceil(q * n))
+    if rank >= n and max_ms is not None:
+        return max_ms  # the largest value: known exactly (a bin's representative may be below)
     seen = 0
     for key, count in zip(keys, counts, strict=True):
         seen += count

@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "token": "mint a JWT with the configured secret",
     "sql": "read-only SQL on the store (through the running API, else directly)",
 }
+# The commands that serve (or load) the HTTP API, whose usage exports need pyarrow.
+ARROW_COMMANDS = frozenset({"run", "api", "sql"})
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -52,9 +54,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # chDB imports pyarrow (a dependency it installs) for its Arrow APIs alone; keypulse
-    # never calls them, and the import cost each process 0.1 s of start-up and 70 MB.
-    sys.modules.setdefault("pyarrow", None)  # type: ignore[arg-type]  # blocks the import
+    # chDB imports pyarrow for its Arrow APIs, which only the HTTP API's exports use (CSV and
+    # Parquet written by Arrow); every other process is spared the import's 0.1 s of start-up
+    # and 70 MB.
+    if next((a for a in argv if a in COMMANDS), "") not in ARROW_COMMANDS:
+        sys.modules.setdefault("pyarrow", None)  # type: ignore[arg-type]  # blocks the import
     args = build_parser(argv).parse_args(argv)
     try:
         from core.settings import get_settings

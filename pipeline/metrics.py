@@ -36,6 +36,9 @@ class PipelineMetrics:
     stats_unpublished: int = 0  # of those, stats rows: never on usage.stats (not queryable)
     dlq_truncated: int = 0  # dead letters too large for the DLQ, stored truncated
     dlq_failed: int = 0  # dead letters the DLQ refused even then (logged)
+    rollup_refreshes: int = 0  # recomputes of a rollup level's waiting buckets (rollups.py)
+    rollup_seconds_total: float = 0.0
+    rollup_failures: int = 0  # recomputes that failed every attempt (their buckets wait)
     watermark_ms: dict[int, int] = field(default_factory=dict)
     max_event_ms: dict[int, int] = field(default_factory=dict)
     # Per partition, set by the source: when it last handed over a batch (epoch seconds)
@@ -53,6 +56,11 @@ class PipelineMetrics:
             self.insert_batches += 1
             self.insert_seconds_total += seconds
             self.insert_seconds_last = seconds
+
+    def record_rollup(self, seconds: float) -> None:
+        with self._lock:
+            self.rollup_refreshes += 1
+            self.rollup_seconds_total += seconds
 
     def add(self, **counts: int) -> None:
         """Add to integer counters from any thread: `add(dlq_truncated=1)`."""

@@ -10,6 +10,13 @@ With the embedded ClickHouse only one process may open the database, so there is
 partition and Bytewax routes every output to the worker that owns it; with a server DSN
 there is one partition per worker and all of them write.
 
+After a batch of stats rows is stored (and published), the 1 m / 1 h / 1 d rollups of the
+buckets it touched are recomputed from the stored windows, each level at its own pace; the
+buckets waiting are the sink's snapshot state (pipeline/rollups.py). A recompute is tried like
+an insert; one that fails every attempt is logged and counted (`rollup_failures`) and does not
+fail the batch: the windows, the source of truth, are stored, and stopping the dataflow for a
+derived table would stop everything. Its buckets wait for the level's next turn.
+
 A storage failure is one batch's problem, never the dataflow's: a failed insert is tried
 `insert_attempts` times with backoff, then its rows go to `usage.events.dlq` (reason
 `storage_error`, the engine's error in `keypulse.error`, the table in `keypulse.table`) and
@@ -44,6 +51,7 @@ from core.outputs import (
     USAGE_STATS_OUTPUT,
     Output,
 )
+from pipeline import rollups
 from pipeline.dead_letters import (
     DEFAULT_MESSAGE_MAX_BYTES,
     ERROR_MAX_CHARS,
@@ -86,7 +94,7 @@ _ROW_SETTINGS = {
 }
 
 
-class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
+class OutputSink(FixedPartitionedSink[PartitionOutput, rollups.PendingState | None]):
     def __init__(
         self,
         client_factory: Callable[[], Client],
@@ -122,11 +130,13 @@ class OutputSink(FixedPartitionedSink[PartitionOutput, None]):
     def part_fn(self, item_key: str) -> int:
         return int(item_key) if item_key.isdigit() else 0
 
-    def build_part(self, step_id: str, for_part: str, resume_state: None) -> OutputPartition:
-        return OutputPartition(self)
+    def build_part(self, step_id: str, for_part: str,
+                   resume_state: rollups.PendingState | None) -> OutputPartition:
+        # None: a fresh start, or a snapshot of a release whose sink kept no state.
+        return OutputPartition(self, resume_state)
 
 
-class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
+class OutputPartition(StatefulSinkPartition[PartitionOutput, rollups.PendingState | None]):
     """Buffers event rows; a writer thread performs the inserts in order.
 
     ClickHouse does most of an insert in C++ without the GIL, so the writer thread overlaps
@@ -136,7 +146,8 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
     ClickHouse refused it, in the DLQ).
     """
 
-    def __init__(self, sink: OutputSink) -> None:
+    def __init__(self, sink: OutputSink, resume_state: rollups.PendingState | None = None
+                 ) -> None:
         self.sink = sink
         self.metrics = sink.metrics
         self.client: Client  # opened by the writer thread: ClickHouse may still be migrating
@@ -153,6 +164,11 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             self.producer, sink.topic_name(topics.USAGE_EVENTS_DLQ), sink.metrics,
             int(sink.producer_config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)))
         self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=3)
+        # Rollup buckets waiting for a recompute: touched by the writer thread only, read by
+        # snapshot() once the writer is idle.
+        self.rollups = rollups.Pending(resume_state)
+        self.rollup_intervals = rollups.INTERVALS_S
+        self.rollups_polled = 0.0  # when the dataflow's thread last asked for a recompute
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="keypulse-writer", daemon=True)
         self.thread.start()
@@ -198,14 +214,19 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
             self._submit_alerts()
         if rule_rows:
             self.jobs.put(lambda: self._insert_rules(rule_rows))
+        if time.monotonic() - self.rollups_polled >= self.rollup_intervals[0]:
+            # Waiting rollups get their turn without waiting for the next stats batch.
+            self.rollups_polled = time.monotonic()
+            self.jobs.put(self._refresh_rollups)
         self.producer.poll(0)
 
-    def snapshot(self) -> None:
+    def snapshot(self) -> rollups.PendingState:
         self._drain()
+        return self.rollups.state()  # the writer is idle: the drain waited for its jobs
 
     def close(self) -> None:
         try:
-            self._drain()
+            self._drain(final=True)
         finally:
             self.jobs.put(None)
             self.thread.join(timeout=60)
@@ -281,6 +302,46 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         topic = self.sink.topic_name(output.topic)
         for record, value in zip(records, encoded, strict=True):
             self._publish(topic, record.user_id.encode(), value)
+        if output is USAGE_STATS_OUTPUT:
+            self.rollups.mark(rollups.minutes_of(record.window_start for record in records))
+            self._refresh_rollups()
+
+    def _refresh_rollups(self, force: bool = False) -> None:
+        """Recompute each rollup level whose turn it is (every waiting bucket if `force`),
+        finest first, each tried like an insert. A level that fails every attempt keeps its
+        buckets waiting for its next turn, and the coarser levels wait for it."""
+        for level in range(len(rollups.LEVEL_SECONDS)):
+            now = time.monotonic()
+            buckets = self.rollups.due(level, now, self.rollup_intervals, force)
+            if not buckets:
+                continue
+            started = time.perf_counter()
+            error = self._attempt_rollup(level, buckets)
+            if error is not None:
+                logger.error("recomputing %s rollup buckets of %s failed %s times, tried again "
+                             "at its next turn: %s", len(buckets), rollups.ROLLUP_TABLES[level],
+                             self.sink.insert_attempts, error)
+                self.metrics.add(rollup_failures=1)
+                self.rollups.failed(level, time.monotonic())
+                return
+            self.rollups.done(level, buckets, time.monotonic())
+            self.metrics.record_rollup(time.perf_counter() - started)
+
+    def _attempt_rollup(self, level: int, buckets: set[int]) -> str | None:
+        """None once recomputed; else the engine's last error after every attempt."""
+        attempts = self.sink.insert_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                rollups.refresh(self.client, self.sink.database, level, buckets, _ONE_THREAD)
+                return None
+            except Exception as exc:  # clickhouse-connect and chDB raise unrelated types
+                error = first_line(exc)
+                if attempt == attempts:
+                    return error
+                logger.warning("recomputing rollups failed (attempt %s of %s): %s",
+                               attempt, attempts, error)
+                time.sleep(self.sink.retry_backoff_s * 2 ** (attempt - 1))
+        return None  # not reached: attempts >= 1
 
     def _write_alerts(self, alerts: list[Any], notifications: list[Any]) -> None:
         if alerts:
@@ -343,9 +404,11 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, None]):
         if alerts or notifications:
             self.jobs.put(lambda: self._write_alerts(alerts, notifications))
 
-    def _drain(self) -> None:
+    def _drain(self, final: bool = False) -> None:
         self._submit_rows()
         self._submit_alerts()
+        # The levels whose turn it is; at a clean stop, every bucket waiting.
+        self.jobs.put(lambda: self._refresh_rollups(force=final))
         self.jobs.join()
         self._raise_writer_error()
         remaining = self.producer.flush(30)

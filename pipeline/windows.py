@@ -16,7 +16,9 @@ Percentiles are exact: each open window keeps its latencies in an `array('d')` (
 event, only while the window is open) and sorts them once at close. At the event rates of one
 (user, service) the sort is cheap, there is no error to bound, and values are real
 observations (nearest-rank definition), which is what a user comparing against their own
-logs expects. A mergeable sketch would only pay off for windows far larger than these.
+logs expects. A window's own percentiles cannot be merged, though: at close the sorted
+latencies also give the window's mergeable sketch (core/sketch.py, one pass, no state kept
+while the window is open), from which a range's percentiles are read within ±0.5 %.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from array import array
 from bisect import bisect_left
 from datetime import UTC, datetime
 
+from core.sketch import bins_of_sorted
 from schemas.events import UsageEvent
 from schemas.stats import StatsRecord
 
@@ -149,7 +152,9 @@ def close_window(
     """The stats record of a closed window. `bounds` are its start and end as datetimes (the
     caller closing many windows of one start computes them once)."""
     requests = len(acc.latencies)
+    latency_sum = sum(acc.latencies)  # in arrival order, as a running sum
     ordered = sorted(acc.latencies)
+    bins, bin_counts = bins_of_sorted(ordered)
     statuses = sorted(acc.statuses)
     successes = bisect_left(statuses, 400)
     server_errors = requests - bisect_left(statuses, 500)
@@ -169,7 +174,7 @@ def close_window(
         success_rate=successes / requests,
         error_rate=(client_errors + server_errors) / requests,
         server_error_rate=server_errors / requests,
-        latency_avg_ms=sum(acc.latencies) / requests,  # in arrival order, as a running sum
+        latency_avg_ms=latency_sum / requests,
         latency_p50_ms=nearest_rank(ordered, 0.50),
         latency_p95_ms=nearest_rank(ordered, 0.95),
         latency_p99_ms=nearest_rank(ordered, 0.99),
@@ -178,6 +183,9 @@ def close_window(
         tokens_in=min(acc.tokens_in, UINT64_MAX),
         tokens_out=min(acc.tokens_out, UINT64_MAX),
         cost_usd=round(acc.cost_usd, 9),
+        latency_sum_ms=latency_sum,
+        latency_bins=bins,
+        latency_bin_counts=bin_counts,
     )
 
 

@@ -27,6 +27,7 @@ from fastapi.responses import PlainTextResponse
 
 from api.deps import ClickHouseDep, SettingsDep
 from api.errors import APIError
+from api.responses import failures
 from api.sql import NAME, ReadOnlyStore, SQLError, answer_format, clean
 from core.auth import ADMIN_ROLE, ANALYST_ROLE, AuthError, Principal, verify_token
 from core.clock import Clock
@@ -94,21 +95,80 @@ StoreDep = Annotated[ReadOnlyStore, Depends(sql_store)]
 
 
 SUMMARY = "read-only SQL (ClickHouse's HTTP interface)"
-SQL_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the answer in the requested format",
-          "content": {"text/tab-separated-values": {}, "application/octet-stream": {}}},
-    400: {"description": "refused SQL: `Code: N. DB::Exception: ...`"},
-    401: {"description": "no valid token"},
-    403: {"description": "not an analyst or admin token, or a write refused by the engine"},
-    404: {"description": "unknown table or database"},
-    413: {"description": "a query over 1 MiB"},
+EXAMPLE_QUERY = "SELECT service, count() AS requests FROM usage_events GROUP BY service"
+# Alternatives to the bearer token (api.openapi adds them to the document's components)
+SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
+    "ClickHouseBasic": {"type": "http", "scheme": "basic",
+                        "description": "any user name; the token as the password"},
+    "ClickHouseKey": {"type": "apiKey", "in": "header", "name": "X-ClickHouse-Key",
+                      "description": "the token, as ClickHouse's own header"},
 }
+_TEXT = {"schema": {"type": "string"}}
+_REFUSED = {"schema": {"type": "string", "pattern": "^Code: [0-9]+\\. "},
+            "example": "Code: 62. DB::Exception: Syntax error: failed at position 1. "
+                       "(SYNTAX_ERROR)\n"}
+_CODE_HEADER = {"X-ClickHouse-Exception-Code": {"description": "ClickHouse's error code",
+                                                "schema": {"type": "string"}}}
+_ANSWERED = {"X-ClickHouse-Format": {"description": "the format of the answer",
+                                     "schema": {"type": "string"}}}
+SQL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the answer in the requested format", "headers": _ANSWERED,
+          "content": {"text/tab-separated-values": {**_TEXT, "example": "anthropic\t42\n"},
+                      "text/csv": _TEXT, "text/plain": _TEXT, "application/json": {"schema": {}},
+                      "application/x-ndjson": _TEXT,
+                      "application/octet-stream": _TEXT}},
+    **failures({401: "no valid token (Bearer, basic auth password or X-ClickHouse-Key)"}),
+    400: {"description": "refused SQL (syntax, a setting, a function outside the read-only "
+                         "set) or a bad database/format name", "headers": _CODE_HEADER,
+          "content": {"text/plain": _REFUSED}},
+    403: {"description": "not an analyst or admin token (JSON), or a write or privileged "
+                         "statement refused by the engine (ClickHouse text)",
+          "headers": _CODE_HEADER,
+          "content": {**failures({403: ""})[403]["content"], "text/plain": _REFUSED}},
+    404: {"description": "unknown table or database", "headers": _CODE_HEADER,
+          "content": {"text/plain": _REFUSED}},
+    413: {"description": "a query over 1 MiB", "headers": _CODE_HEADER,
+          "content": {"text/plain": _REFUSED}},
+}
+_NAME = {"type": "string", "pattern": f"^$|{NAME.pattern}"}  # empty: the default
+_PARAMETERS = [
+    {"name": "query", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "the SQL; with a body too, this part comes first", "example": EXAMPLE_QUERY},
+    {"name": "database", "in": "query", "required": False,
+     "schema": _NAME, "example": "keypulse",
+     "description": "the database unqualified names refer to (default: keypulse's)"},
+    {"name": "default_format", "in": "query", "required": False, "schema": _NAME,
+     "description": "the answer's format unless the query ends with FORMAT "
+                    "(default TabSeparated)", "example": "JSONEachRow"},
+    {"name": "X-ClickHouse-Format", "in": "header", "required": False,
+     "schema": _NAME, "description": "as default_format, and wins over it",
+     "example": "CSVWithNames"},
+]
+_SECURITY: list[dict[str, list[str]]] = [
+    {"HTTPBearer": []}, {"ClickHouseBasic": []}, {"ClickHouseKey": []}]
+_GET_EXTRA: dict[str, Any] = {"parameters": _PARAMETERS, "security": _SECURITY}
+_HEAD, _, _REST = EXAMPLE_QUERY.partition(" GROUP BY ")  # POST's example: split in two
+_POST_EXTRA: dict[str, Any] = {
+    "parameters": [{**_PARAMETERS[0], "example": _HEAD}, *_PARAMETERS[1:]],
+    "security": _SECURITY,
+    "requestBody": {"required": False, "description": "the SQL (or its rest, after `query`)",
+                    "content": {"text/plain": {"schema": {"type": "string"},
+                                               "example": f"GROUP BY {_REST}"}}},
+}
+_DESCRIPTION = (
+    "ClickHouse's HTTP interface on the live store, read-only at the engine (no DDL, no "
+    "INSERT, no `SET readonly=0`, no file or network table functions), with execution-time "
+    "and result-size limits. Other parameters (a client's settings) are ignored. "
+    "`analyst` or `admin` token only; curl and clickhouse-connect's HTTP client work as "
+    "against a ClickHouse server (`proxy_path=\"/clickhouse\"`).")
 
 
 @router.get("/clickhouse/", response_class=Response, summary=SUMMARY,
-            operation_id="clickhouse_sql_get", responses=SQL_RESPONSES)
+            description=_DESCRIPTION, operation_id="clickhouse_sql_get",
+            responses=SQL_RESPONSES, openapi_extra=_GET_EXTRA)
 @router.post("/clickhouse/", response_class=Response, summary=SUMMARY,
-             operation_id="clickhouse_sql_post", responses=SQL_RESPONSES)
+             description=_DESCRIPTION, operation_id="clickhouse_sql_post",
+             responses=SQL_RESPONSES, openapi_extra=_POST_EXTRA)
 @router.get("/clickhouse", response_class=Response, include_in_schema=False,
             operation_id="clickhouse_sql_get_bare")  # clickhouse-connect's proxy_path, no slash
 @router.post("/clickhouse", response_class=Response, include_in_schema=False,
@@ -156,6 +216,8 @@ def _media_type(fmt: str) -> str:
         return "text/tab-separated-values; charset=UTF-8"
     if lowered.startswith("csv"):
         return "text/csv; charset=UTF-8"
+    if lowered.startswith("json") and ("eachrow" in lowered or lowered == "jsonlines"):
+        return "application/x-ndjson; charset=UTF-8"  # a JSON value per line, as ClickHouse
     if lowered.startswith("json"):
         return "application/json; charset=UTF-8"
     if lowered in {"pretty", "prettycompact", "vertical", "markdown", "values"}:

@@ -10,9 +10,11 @@ ts_reason), so an accepted event is one the pipeline takes.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any
 
 import msgspec
@@ -30,7 +32,7 @@ from api.ingest import (
     retry_after,
     value_of,
 )
-from api.responses import MsgspecResponse, described, schema
+from api.responses import MsgspecResponse, described, failures, schema
 from core.auth import INGEST_ROLE, USER_ROLE
 from core.clock import Clock
 from core.settings import Settings
@@ -61,24 +63,29 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(prefix="/v1", tags=["events"], lifespan=_lifespan)
 
+_EXAMPLES = resources.files("schemas") / "examples" / "usage.events" / "1"
 _BODY_SCHEMA = schema(list[UsageEvent])
 _BODY_SCHEMA["maxItems"] = MAX_EVENTS
 _REQUEST_BODY: dict[str, Any] = {"requestBody": {
     "required": True,
     "description": (f"a JSON array of at most {MAX_EVENTS} events (or {{\"events\": [...]}}), "
                     "at most 1 MiB, optionally `Content-Encoding: gzip`"),
-    "content": {"application/json": {"schema": _BODY_SCHEMA}},
+    "content": {"application/json": {"schema": _BODY_SCHEMA, "examples": {
+        name: {"summary": f"schemas/examples/usage.events/1/{name}.json",
+               "value": [json.loads(example.read_text())]}
+        for name in ("full_llm_call", "minimal")
+        if (example := _EXAMPLES / f"{name}.json").is_file()}}},  # absent from a wheel
 }}
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "the body is not JSON, or not valid gzip"},
-    401: {"description": "no valid bearer token"},
-    403: {"description": "the token holds neither the ingest nor the user role"},
-    413: {"description": f"more than {MAX_EVENTS} events or 1 MiB (sent or inflated)"},
-    415: {"description": "a Content-Encoding other than gzip"},
-    422: {"description": "JSON that is not an array of events nor {\"events\": [...]}"},
-    429: {"description": "the caller's rate limit; see Retry-After"},
-    503: {"description": "Kafka did not confirm the events; see Retry-After"},
-}
+_ERRORS = failures({
+    400: "the body is not JSON, or not valid gzip",
+    401: "no valid bearer token",
+    403: "the token holds neither the ingest nor the user role",
+    413: f"more than {MAX_EVENTS} events or 1 MiB (sent or inflated)",
+    415: "a Content-Encoding other than gzip",
+    422: "JSON that is not an array of events nor {\"events\": [...]}",
+    429: "the caller's rate limit; see Retry-After",
+    503: "Kafka did not confirm the events; see Retry-After",
+})
 
 
 def _state(request: Request, settings: Settings) -> tuple[EventProducer, RateLimiter]:
@@ -96,6 +103,7 @@ def _state(request: Request, settings: Settings) -> tuple[EventProducer, RateLim
 
 
 @router.post("/events", status_code=202, openapi_extra=_REQUEST_BODY,
+             summary="ingest usage events",
              responses={**described(IngestResult, 202, "Kafka confirmed the accepted events"),
                         **_ERRORS})
 async def post_events(request: Request, user: CurrentUserDep,
@@ -119,6 +127,8 @@ async def post_events(request: Request, user: CurrentUserDep,
     oldest_ms, newest_ms = ts_bounds(wall_ms, skew, ttl)
     messages: list[tuple[bytes, bytes]] = []
     rejected: list[Rejection] = []
+    accept = messages.append
+    own_id = None if any_user else user.user_id
     for index, raw in enumerate(raws):
         text = bytes(raw)
         try:
@@ -129,11 +139,11 @@ async def post_events(request: Request, user: CurrentUserDep,
         ts_ms = event.ts_ms
         if ts_ms > newest_ms or ts_ms < oldest_ms:
             rejected.append(Rejection(index, ts_reason(ts_ms, wall_ms, skew, ttl)))
-        elif not any_user and event.user_id != user.user_id:
+        elif own_id is not None and event.user_id != own_id:
             rejected.append(Rejection(
                 index, "user_id: a user token may only send its own user_id"))
         else:
-            messages.append((event.user_id.encode(), value_of(text)))
+            accept((event.user_id.encode(), value_of(text)))
     failure = await run_in_threadpool(producer.send, messages)
     if failure is not None:
         logger.warning("ingest answering 503: %s", failure)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,11 +15,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.requests import Request
 
-from api import create_app
+from api import create_app, ingest
 from api.errors import APIError
-from api.ingest import MAX_BODY_BYTES, EventProducer, RateLimiter, read_body
+from api.ingest import MAX_BODY_BYTES, EventProducer, RateLimiter, read_body, value_of
 from api.routes import events as events_routes
 from core import auth
 from core.clock import ManualClock
@@ -286,6 +289,37 @@ def test_kafka_unreachable_is_503_with_retry_after(
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
     assert response.json()["error"]["code"] == "unavailable"
+
+
+def test_a_batch_the_local_queue_cannot_hold_is_refused_before_any_of_it_is_produced(
+        api_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kafka down for long: the queue fills; a batch past its room is refused whole (503),
+    never half queued, and at once. (Producing it would have failed at the fourth event, the
+    queue's limit, with "cannot produce", after queueing three.)"""
+    monkeypatch.setattr(ingest, "MAX_QUEUED", 3)
+    producer = EventProducer(api_settings.model_copy(update={
+        "kafka_bootstrap": "127.0.0.1:1", "ingest_timeout_seconds": 30.0}))
+    try:
+        started = time.monotonic()
+        failure = producer.send([(b"u", b"{}")] * 4)
+        assert failure is not None and "local queue" in failure
+        assert time.monotonic() - started < 5
+    finally:
+        producer.close()
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12), st.sampled_from([None, 2]))
+def test_value_of_is_msgspecs_compact_form(document: Any, indent: int | None) -> None:
+    """Kept as sent when already compact (a space inside a string included), else formatted:
+    either way the same bytes as msgspec.json.format(indent=-1)."""
+    text = msgspec.json.encode(document)
+    if indent is not None:
+        text = msgspec.json.format(text, indent=indent)
+    assert value_of(text) == msgspec.json.format(text, indent=-1)
 
 
 def test_the_route_is_in_openapi() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import pytest
@@ -14,6 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 from fastapi.testclient import TestClient
 
 from api import create_app
+from api.ingest import EventProducer
 from core.auth import mint_token
 from core.kafka import consumer_config
 from core.settings import Settings
@@ -75,3 +77,18 @@ def test_accepted_events_are_on_the_topic_keyed_by_user_and_rejected_ones_are_no
                    for key, value in on_topic if key is not None and value is not None)
     assert found == [(b"user-1", "e0"), (b"user-1", "e4"), (b"user-2", "e1"), (b"user-2", "e3")]
     assert len(on_topic) == 4
+
+
+def test_concurrent_batches_are_each_answered_once_all_of_theirs_are_confirmed(
+        kafka_settings: Settings) -> None:
+    """One producer, several requests in flight on worker threads: each `send` returns with
+    its own batch's reports, whichever thread's poll served them."""
+    producer = EventProducer(kafka_settings)
+    batches = [[(f"user-{b}".encode(), msgspec.json.encode(_event(f"user-{b}", i)))
+                for i in range(size)] for b, size in enumerate((1, 250, 40))]
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(producer.send, batches)) == [None, None, None]
+    finally:
+        producer.close()
+    assert len(_read_topic(kafka_settings)) == 291

@@ -37,9 +37,11 @@ batch ends.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from core.sketch import bin_of
 from pipeline.processor import ProcessorConfig
 from schemas.events import InvalidEvent, UsageEvent, decode_event
 from schemas.stats import StatsRecord
@@ -189,6 +191,7 @@ class Oracle:
         client = sum(1 for e in events if 400 <= e.status_code < 500)
         server = sum(1 for e in events if e.status_code >= 500)
         epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        sketch = Counter(bin_of(latency) for latency in latencies)  # bin → how many
         return StatsRecord(
             user_id=user, service=service,
             window_start=epoch + timedelta(milliseconds=start),
@@ -205,6 +208,9 @@ class Oracle:
             tokens_in=min(sum(e.tokens_in or 0 for e in events), UINT64_MAX),
             tokens_out=min(sum(e.tokens_out or 0 for e in events), UINT64_MAX),
             cost_usd=round(sum(e.cost_usd or 0.0 for e in events), 9),
+            latency_sum_ms=sum(latencies),
+            latency_bins=sorted(sketch),
+            latency_bin_counts=[sketch[key] for key in sorted(sketch)],
         )
 
 

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from core.clock import to_ms
+from core.sketch import ZERO_BIN, bin_of
 from pipeline.processor import ProcessorConfig
 from pipeline.windows import (
     NEG_INF,
@@ -99,6 +100,24 @@ def test_stats_record_fields() -> None:
     assert stats.window_end.timestamp() == 1_700_000_010
     assert stats.window_start.utcoffset() is not None
     assert (stats.latency_p50_ms, stats.latency_max_ms) == (30.0, 50.0)
+    # The mergeable part: the exact sum, and one bin per distinct latency here (they lie
+    # further apart than a bin's width), ascending, each counted once.
+    assert stats.latency_sum_ms == 150.0
+    assert stats.latency_bins == [bin_of(v) for v in (10.0, 20.0, 30.0, 40.0, 50.0)]
+    assert stats.latency_bin_counts == [1, 1, 1, 1, 1]
+
+
+def test_the_sketch_counts_every_latency_once() -> None:
+    values = [0.0, 0.0, 1e-9, 12.5, 12.5, 12.5001, 3_600_000.0, 7.0]
+    acc = WindowAcc()
+    for v in values:
+        acc.add(call(200, v))
+    stats = close_window("u", "openai", 0, 10_000, acc)
+    assert stats.latency_bins == sorted({bin_of(v) for v in values})
+    assert stats.latency_bin_counts == [sum(1 for v in values if bin_of(v) == key)
+                                        for key in stats.latency_bins]
+    assert sum(stats.latency_bin_counts) == stats.requests == len(values)
+    assert stats.latency_bins[0] == ZERO_BIN and stats.latency_bin_counts[0] == 2
 
 
 @pytest.mark.parametrize(
