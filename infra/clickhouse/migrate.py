@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _VERSIONED = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _REPEATABLE = re.compile(r"^R__([a-z0-9_]+)\.sql$")
+_REQUIRES = re.compile(r"^-- requires: (\d{4})$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,13 @@ class Migration:
     @property
     def repeatable(self) -> bool:
         return self.version.startswith("R__")
+
+    @property
+    def requires(self) -> str:
+        """The versioned migration a repeatable one needs (its `-- requires: NNNN` line;
+        "0000" when it has none): a schema held at an older `target` skips it."""
+        found = _REQUIRES.search(self.sql)
+        return found.group(1) if found else "0000"
 
     def statements(self) -> list[str]:
         lines = [ln for ln in self.sql.splitlines() if not ln.lstrip().startswith("--")]
@@ -78,10 +86,11 @@ def migrate(
 ) -> list[str]:
     """Apply what is pending; return the versions applied (empty when up to date).
     `target` ("0005") stops the versioned migrations after that version, as a schema of an
-    older release had them (the repeatable ones still run)."""
+    older release had them (the repeatable ones still run, but those that declare `-- requires:`
+a later version)."""
     db = settings.clickhouse_database
     migrations = [m for m in load_migrations(settings)
-                  if target is None or m.repeatable or m.version <= target]
+                  if target is None or (m.requires if m.repeatable else m.version) <= target]
     try:
         client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
         client.command(

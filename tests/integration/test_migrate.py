@@ -103,7 +103,8 @@ def test_raw_events_move_to_monthly_partitions_with_their_rows_ttl_and_view(
         insert(client, EVENT_ROWS_OUTPUT, db, _rows(times, 0))
 
         applied = migrate(client, settings, progress=lambda _line: None)
-        assert applied == ["0006", "0007", "R__events_ttl"]  # the TTL set again on the new table
+        # the TTLs set again on the rebuilt tables; the rollups' retention once they exist
+        assert applied == ["0006", "0007", "0008", "0009", "R__events_ttl", "R__rollup_ttl"]
         assert _partition_key(client, db) == "toYYYYMM(ts)"
         ttl = client.query("SELECT create_table_query FROM system.tables WHERE "
                            f"database = '{db}' AND name = 'usage_events'").result_rows[0][0]
