@@ -7,6 +7,7 @@
     require_role(r)   a dependency: the current user, 403 unless they hold one of the roles
 
     AdminDep = Annotated[Principal, Depends(require_role("admin"))]
+    OwnerDep          the caller whose own rows a user route reads (user or admin), else 403
 
 Routes that query ClickHouse are plain `def` (the client blocks; FastAPI runs them in its
 thread pool).
@@ -22,7 +23,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import APIError
-from core.auth import ADMIN_ROLE, AuthError, Principal, verify_token
+from core.auth import ADMIN_ROLE, USER_ROLE, AuthError, Principal, verify_token
 from core.clickhouse import shared_client
 from core.clock import Clock
 from core.settings import Settings
@@ -77,3 +78,15 @@ def require_role(*roles: str) -> Callable[[Principal], Principal]:
 
 
 AdminDep = Annotated[Principal, Depends(require_role(ADMIN_ROLE))]
+
+
+def data_owner(user: CurrentUserDep) -> Principal:
+    """The caller, when their token may read their own data (`user`, `admin`, or no roles,
+    which acts as `user`), else 403. Whose rows a request reads comes from here, the token's
+    `sub`, never from a parameter (DESIGN §8)."""
+    if not {USER_ROLE, ADMIN_ROLE}.intersection(user.roles or (USER_ROLE,)):
+        raise APIError(403, "forbidden", "this needs the user or admin role")
+    return user
+
+
+OwnerDep = Annotated[Principal, Depends(data_owner)]

@@ -35,6 +35,10 @@ InstantQuery = Annotated[
     Query(description="RFC 3339 with an offset (2026-12-01T12:00:00Z) or epoch milliseconds",
           examples=["2026-12-01T12:00:00Z"], max_length=64),
 ]
+# `from` and `to` of a range, each with its own example so that the document's examples make a
+# valid range.
+FromQuery = Annotated[InstantQuery, Query(alias="from", examples=["2026-12-01T00:00:00Z"])]
+ToQuery = Annotated[InstantQuery, Query(examples=["2026-12-02T00:00:00Z"])]
 
 
 def bad(message: str, field: str) -> APIError:

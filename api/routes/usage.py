@@ -17,11 +17,9 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from api import analytics
 from api.analytics import By, Span
-from api.deps import ClickHouseDep, CurrentUserDep, SettingsDep
-from api.errors import APIError
-from api.params import InstantQuery, Interval, TimeRange, bad
+from api.deps import ClickHouseDep, OwnerDep, SettingsDep
+from api.params import FromQuery, Interval, TimeRange, ToQuery, bad
 from api.responses import MsgspecResponse, described, failures
-from core.auth import ADMIN_ROLE, USER_ROLE, Principal
 from core.clock import Clock
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
@@ -30,20 +28,10 @@ MAX_POINTS = 1_500  # a day at 1 m is 1,440 points
 MAX_ROWS = 1_000
 
 
-def usage_user(user: CurrentUserDep) -> Principal:
-    """The caller, when their token may read their own usage (user or admin), else 403."""
-    roles = user.roles or (USER_ROLE,)
-    if USER_ROLE not in roles and ADMIN_ROLE not in roles:
-        raise APIError(403, "forbidden", "this needs the user role")
-    return user
-
-
-UserDep = Annotated[Principal, Depends(usage_user)]
+UserDep = OwnerDep
 ServiceQuery = Annotated[str | None, Query(
     description="only this service (all of the user's services when absent)",
     max_length=128, examples=["openai"])]
-FromQuery = Annotated[InstantQuery, Query(alias="from", examples=["2026-12-01T00:00:00Z"])]
-ToQuery = Annotated[InstantQuery, Query(examples=["2026-12-02T00:00:00Z"])]
 
 
 def time_range(request: Request, from_: FromQuery = None, to: ToQuery = None) -> TimeRange:

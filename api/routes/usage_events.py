@@ -20,13 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.responses import StreamingResponse
 
-from api import usage_events
-from api.deps import ClickHouseDep, CurrentUserDep, SettingsDep
-from api.errors import APIError
+from api import deps, usage_events
+from api.deps import ClickHouseDep, SettingsDep
 from api.params import (
     MAX_RANGE_DAYS,
-    InstantQuery,
+    FromQuery,
     TimeRange,
+    ToQuery,
     bad,
     decode_cursor,
     encode_cursor,
@@ -43,7 +43,6 @@ from api.usage_events import (
     ExportFormat,
     StatusClass,
 )
-from core.auth import ADMIN_ROLE, USER_ROLE
 from core.clock import Clock
 from schemas.events import SERVICE_PATTERN
 
@@ -77,17 +76,11 @@ class _QueryRoute(APIRoute):
 router = APIRouter(prefix="/v1/usage", tags=["usage"], route_class=_QueryRoute)
 
 
-def _owner(user: CurrentUserDep) -> str:
-    """The user whose rows a request reads: the token's `sub`, for a user or an admin."""
-    if not {USER_ROLE, ADMIN_ROLE}.intersection(user.roles or (USER_ROLE,)):
-        raise APIError(403, "forbidden", "this needs the user or admin role")
+def _owner(user: deps.OwnerDep) -> str:
     return user.user_id
 
 
-OwnerDep = Annotated[str, Depends(_owner)]
-# Each bound its own example, so that the document's examples make a valid range.
-FromQuery = Annotated[InstantQuery, Query(alias="from", examples=["2026-12-01T00:00:00Z"])]
-ToQuery = Annotated[InstantQuery, Query(examples=["2026-12-02T00:00:00Z"])]
+OwnerIdDep = Annotated[str, Depends(_owner)]
 ServiceQuery = Annotated[
     str | None,
     Query(description="only this service's rows", pattern=SERVICE_PATTERN, max_length=64,
@@ -111,7 +104,7 @@ def _now_ms(request: Request) -> int:
                 **_AUTH_FAILURES}),
 })
 def list_events(
-    owner: OwnerDep,
+    owner: OwnerIdDep,
     request: Request,
     settings: SettingsDep,
     client: ClickHouseDep,
@@ -174,7 +167,7 @@ def _stamp(ms: int) -> str:
                 **_AUTH_FAILURES}),
 })
 def export(
-    owner: OwnerDep,
+    owner: OwnerIdDep,
     request: Request,
     settings: SettingsDep,
     client: ClickHouseDep,
