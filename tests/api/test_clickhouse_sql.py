@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import shutil
-import socket
 import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from clickhouse_connect.driver.client import Client
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -25,6 +20,8 @@ from core.auth import mint_token
 from core.clock import ManualClock
 from core.settings import Settings, load
 from infra.clickhouse.migrate import migrate
+from tests.api.live import LiveServer
+from tests.integration.harness import free_port
 
 EVENTS = ("INSERT INTO keypulse.usage_events (event_id, ts, user_id, api_key_id, service, "
           "status_code, latency_ms, endpoint, method, ingested_at) VALUES "
@@ -227,37 +224,12 @@ def test_result_and_time_limits(tmp_path: Path, clickhouse_engine: Client) -> No
 
 # -- real clients over a real server ---------------------------------------------------------
 
-class _Server:
-    def __init__(self, app: FastAPI) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, loop="asyncio")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
 def test_clickhouse_connect_http_client_and_curl(sql_app: FastAPI,
                                                  analyst: Callable[..., str]) -> None:
     import clickhouse_connect
 
     token = analyst()
-    with _Server(sql_app) as server:
+    with LiveServer(sql_app) as server:
         client = clickhouse_connect.get_client(
             host="127.0.0.1", port=server.port, username="analyst", password=token,
             proxy_path="/clickhouse", database="keypulse")
@@ -290,11 +262,7 @@ def test_clickhouse_connect_http_client_and_curl(sql_app: FastAPI,
 
 # -- keypulse sql ----------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+
 
 
 def test_keypulse_sql_asks_the_running_endpoint(store: Client, sql_settings: Settings,
@@ -306,7 +274,7 @@ def test_keypulse_sql_asks_the_running_endpoint(store: Client, sql_settings: Set
 
     app = create_app(sql_settings)  # the system clock: the command mints at the real time
     app.dependency_overrides[get_clickhouse] = lambda: store
-    with _Server(app) as server:
+    with LiveServer(app) as server:
         args = argparse.Namespace(query="SELECT user_id FROM usage_events ORDER BY user_id",
                                   format="CSV", database=None, host="127.0.0.1",
                                   port=server.port)
@@ -323,7 +291,7 @@ def _keypulse(tmp_path: Path, *argv: str, dsn: str = "") -> subprocess.Completed
     import sys
 
     env = {**os.environ, "KEYPULSE_DEV": "1", "KEYPULSE_DATA_DIR": str(tmp_path / "kp"),
-           "KEYPULSE_CLICKHOUSE_DSN": dsn, "KEYPULSE_PORT": str(_free_port()),
+           "KEYPULSE_CLICKHOUSE_DSN": dsn, "KEYPULSE_PORT": str(free_port()),
            "KEYPULSE_HOST": "127.0.0.1"}
     return subprocess.run([sys.executable, "-m", "keypulse.cli", *argv], env=env,
                           capture_output=True, text=True, timeout=120, check=False)

@@ -6,44 +6,19 @@ from __future__ import annotations
 
 import gzip
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from fastapi.testclient import TestClient
 
 from api import create_app
 from api.ingest import EventProducer
 from core.auth import mint_token
-from core.kafka import consumer_config
 from core.settings import Settings
-from core.topics import USAGE_EVENTS
+from tests.api.live import read_topic
 
 pytestmark = pytest.mark.integration
-
-
-def _read_topic(settings: Settings) -> list[tuple[bytes | None, bytes | None]]:
-    """Every message now on usage.events, by its watermarks: no waiting for more to arrive."""
-    topic = settings.topic(USAGE_EVENTS)
-    consumer = Consumer(consumer_config(settings, group_id=f"test-{uuid.uuid4().hex[:8]}"))
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                for p in partitions}
-        expected = sum(high - low for low, high in ends.values())
-        consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in ends.items()])
-        found: list[tuple[bytes | None, bytes | None]] = []
-        deadline = time.monotonic() + 30
-        while len(found) < expected and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is not None and msg.error() is None:
-                found.append((msg.key(), msg.value()))
-        assert len(found) == expected
-        return found
-    finally:
-        consumer.close()
 
 
 def _event(user: str, i: int, **changes: object) -> dict[str, object]:
@@ -72,7 +47,7 @@ def test_accepted_events_are_on_the_topic_keyed_by_user_and_rejected_ones_are_no
                 {"events": [_event("user-1", 4), _event("user-9", 5)]})))
         assert second.status_code == 202
         assert second.json()["accepted"] == 1
-    on_topic = _read_topic(kafka_settings)  # right after the 202s: confirmed means there
+    on_topic = read_topic(kafka_settings)  # right after the 202s: confirmed means there
     found = sorted((key, msgspec.json.decode(value)["event_id"])
                    for key, value in on_topic if key is not None and value is not None)
     assert found == [(b"user-1", "e0"), (b"user-1", "e4"), (b"user-2", "e1"), (b"user-2", "e3")]
@@ -91,4 +66,4 @@ def test_concurrent_batches_are_each_answered_once_all_of_theirs_are_confirmed(
             assert list(pool.map(producer.send, batches)) == [None, None, None]
     finally:
         producer.close()
-    assert len(_read_topic(kafka_settings)) == 291
+    assert len(read_topic(kafka_settings)) == 291

@@ -6,10 +6,7 @@ broker of our own, stopped and started again) loses nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
-import threading
 import time
 import uuid
 from collections import Counter
@@ -19,50 +16,25 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import uvicorn
-from confluent_kafka import Consumer, TopicPartition
 
 from api import create_app
 from core.auth import mint_token
 from core.clock import Clock, ManualClock, system_clock
-from core.kafka import consumer_config
 from core.settings import Settings
-from core.topics import USAGE_EVENTS
 from infra.kafka import launcher
 from keypulse.sdk import Client, _seconds
 from schemas.events import InvalidEvent
+from tests.api.live import LiveServer, read_topic
+from tests.integration.harness import free_port
 
 
-class _Server:
-    """The API app served by uvicorn in a daemon thread on a free loopback port."""
-
-    def __init__(self, settings: Settings, clock: Clock = system_clock) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(settings, clock=clock), log_level="warning",
-                                access_log=False, loop="asyncio")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
+def serve(settings: Settings, clock: Clock = system_clock) -> LiveServer:
+    return LiveServer(create_app(settings, clock=clock))
 
 
 @pytest.fixture
-def api(kafka_settings: Settings) -> Iterator[_Server]:
-    with _Server(kafka_settings) as server:
+def api(kafka_settings: Settings) -> Iterator[LiveServer]:
+    with serve(kafka_settings) as server:
         yield server
 
 
@@ -71,40 +43,10 @@ def ingest_token(kafka_settings: Settings) -> str:
     return mint_token(kafka_settings, "collector", roles=("ingest",))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _messages(settings: Settings) -> list[tuple[bytes | None, bytes]]:
-    """(key, value) of every message now on usage.events, read up to its watermarks."""
-    topic = settings.topic(USAGE_EVENTS)
-    consumer = Consumer(consumer_config(settings, group_id=f"test-{uuid.uuid4().hex[:8]}"))
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                for p in partitions}
-        expected = sum(high - low for low, high in ends.values())
-        consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in ends.items()])
-        found: list[tuple[bytes | None, bytes]] = []
-        deadline = time.monotonic() + 30
-        while len(found) < expected and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is not None and msg.error() is None:
-                value = msg.value()
-                assert value is not None
-                found.append((msg.key(), value))
-        assert len(found) == expected
-        return found
-    finally:
-        consumer.close()
-
-
 def _on_topic(settings: Settings) -> list[tuple[bytes | None, str]]:
     """(key, event_id) of every message now on usage.events."""
-    return [(key, msgspec.json.decode(value)["event_id"]) for key, value in _messages(settings)]
+    return [(key, msgspec.json.decode(value or b"")["event_id"])
+            for key, value in read_topic(settings)]
 
 
 def _track(client: Client, n: int, users: int = 7) -> dict[str, str]:
@@ -123,7 +65,7 @@ def _track(client: Client, n: int, users: int = 7) -> dict[str, str]:
 # -- delivery to the real endpoint and broker --------------------------------------------------
 
 def test_tracked_events_reach_the_topic_once_each_keyed_by_user(
-        kafka_settings: Settings, api: _Server, ingest_token: str) -> None:
+        kafka_settings: Settings, api: LiveServer, ingest_token: str) -> None:
     with Client(api.url, ingest_token, flush_interval=0.05) as client:
         tracked = _track(client, 1234)
         assert client.flush(timeout=30)
@@ -136,7 +78,7 @@ def test_tracked_events_reach_the_topic_once_each_keyed_by_user(
     assert all(uuid.UUID(event_id).version == 4 for event_id in tracked)
 
 
-def test_close_sends_what_is_queued(kafka_settings: Settings, api: _Server,
+def test_close_sends_what_is_queued(kafka_settings: Settings, api: LiveServer,
                                     ingest_token: str) -> None:
     with Client(api.url, ingest_token, flush_interval=3600) as client:
         tracked = _track(client, 40)  # fewer than a batch, long before the interval
@@ -149,7 +91,7 @@ def test_close_sends_what_is_queued(kafka_settings: Settings, api: _Server,
 
 
 def test_the_endpoints_rejections_are_counted_and_not_retried(
-        kafka_settings: Settings, api: _Server, caplog: pytest.LogCaptureFixture) -> None:
+        kafka_settings: Settings, api: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
     token = mint_token(kafka_settings, "user-1", roles=("user",))
     with caplog.at_level(logging.WARNING, logger="keypulse.sdk"), \
             Client(api.url, token, flush_interval=3600) as client:
@@ -170,7 +112,7 @@ def test_the_endpoints_rejections_are_counted_and_not_retried(
 
 
 def test_a_refused_token_fails_the_batch_without_retrying(
-        kafka_settings: Settings, api: _Server, caplog: pytest.LogCaptureFixture) -> None:
+        kafka_settings: Settings, api: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
     bad = mint_token(kafka_settings, "user-1", roles=("user",), ttl_seconds=60,
                      clock=ManualClock(time.time() - 3600))  # expired an hour ago
     with caplog.at_level(logging.WARNING, logger="keypulse.sdk"), \
@@ -210,7 +152,7 @@ def test_a_429_is_retried_no_sooner_than_its_retry_after(kafka_settings: Setting
     limited = kafka_settings.model_copy(update={"ingest_rate_per_second": 500.0,
                                                 "ingest_burst": 1000})
     clock = _PausableClock()
-    with _Server(limited, clock) as api, Client(api.url, ingest_token, flush_interval=3600,
+    with serve(limited, clock) as api, Client(api.url, ingest_token, flush_interval=3600,
                                                 backoff_base=0.01) as client:
         clock.pause()
         tracked = _track(client, 1000)
@@ -229,7 +171,7 @@ def test_a_429_is_retried_no_sooner_than_its_retry_after(kafka_settings: Setting
 
 
 def test_a_full_queue_drops_its_oldest_events_and_counts_them(
-        kafka_settings: Settings, api: _Server, ingest_token: str) -> None:
+        kafka_settings: Settings, api: LiveServer, ingest_token: str) -> None:
     with Client(api.url, ingest_token, max_queue=10, flush_interval=3600) as client:
         ids = list(_track(client, 25))
         assert (client.stats.dropped, client.stats.pending) == (15, 10)
@@ -256,7 +198,7 @@ def test_straight_to_kafka_keyed_by_user(kafka_settings: Settings) -> None:
 def test_track_never_raises_nor_blocks_while_the_endpoint_is_down(
         caplog: pytest.LogCaptureFixture) -> None:
     token = "secret-token-" + uuid.uuid4().hex
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: connection refused
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
     with caplog.at_level(logging.DEBUG, logger="keypulse.sdk"):
         client = Client(url, token, max_queue=1000, flush_interval=0.01, backoff_base=0.01,
                         backoff_max=0.05)
@@ -290,7 +232,7 @@ def test_retry_after_in_seconds_or_as_an_http_date() -> None:
 
 
 def test_an_invalid_event_raises_at_the_call_site_unless_not_strict() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with Client(url, "t", flush_interval=3600) as client:
         with pytest.raises(InvalidEvent, match=r"status_code: expected `int` >= 100"):
             client.track(user_id="u", api_key_id="k", service="s", status_code=42,
@@ -319,12 +261,12 @@ def test_a_broker_outage_loses_nothing(kafka_settings: Settings, tmp_path: Path,
     confirmation timed out): the copy is the same event, same event_id, which the pipeline's
     dedup drops; the test logs how many there were."""
     own = kafka_settings.model_copy(update={
-        "kafka_bootstrap": f"127.0.0.1:{_free_port()}", "kafka_controller_port": _free_port(),
+        "kafka_bootstrap": f"127.0.0.1:{free_port()}", "kafka_controller_port": free_port(),
         "data_dir": tmp_path, "kafka_heap_mb": 256, "topic_partitions": 1,
         "ingest_timeout_seconds": 1.0})
     launcher.start(own, wait_seconds=120)
     try:
-        with _Server(own) as api, Client(api.url, ingest_token, flush_interval=0.05,
+        with serve(own) as api, Client(api.url, ingest_token, flush_interval=0.05,
                                          backoff_base=0.1, backoff_max=1.0) as client:
             tracked = _track(client, 100)
             assert client.flush(timeout=30)
@@ -335,15 +277,15 @@ def test_a_broker_outage_loses_nothing(kafka_settings: Settings, tmp_path: Path,
             launcher.start(own, wait_seconds=120)
             assert client.flush(timeout=60)
             after = client.stats
-        messages = _messages(own)
+        messages = read_topic(own)
     finally:
         launcher.stop(own)
     assert (during.delivered, during.pending, during.dropped) == (100, 300, 0)
     assert during.retries >= 1
     assert (after.delivered, after.failed, after.dropped, after.pending) == (400, 0, 0, 0)
-    copies: dict[str, set[tuple[bytes | None, bytes]]] = {}
+    copies: dict[str, set[tuple[bytes | None, bytes | None]]] = {}
     for key, value in messages:
-        copies.setdefault(msgspec.json.decode(value)["event_id"], set()).add((key, value))
+        copies.setdefault(msgspec.json.decode(value or b"")["event_id"], set()).add((key, value))
     assert copies.keys() == tracked.keys()  # nothing lost
     assert all(len(same) == 1 for same in copies.values())  # a duplicate is the same message
     logging.getLogger(__name__).info("outage: %d retries, %d duplicates on the topic",
