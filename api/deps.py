@@ -8,6 +8,8 @@
 
     AdminDep = Annotated[Principal, Depends(require_role("admin"))]
     OwnerDep          the caller whose own rows a user route reads (user or admin), else 403
+    PublisherDep      the app's Kafka producer (api.ingest.EventProducer), made on first use:
+                      `send(messages, topic)` returns once Kafka confirmed
 
 Routes that query ClickHouse are plain `def` (the client blocks; FastAPI runs them in its
 thread pool).
@@ -23,6 +25,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import APIError
+from api.ingest import EventProducer
 from core.auth import ADMIN_ROLE, USER_ROLE, AuthError, Principal, verify_token
 from core.clickhouse import shared_client
 from core.clock import Clock
@@ -38,6 +41,17 @@ def get_settings(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_publisher(request: Request) -> EventProducer:
+    state = request.app.state
+    producer: EventProducer | None = getattr(state, "event_producer", None)
+    if producer is None:
+        producer = state.event_producer = EventProducer(state.settings)
+    return producer
+
+
+PublisherDep = Annotated[EventProducer, Depends(get_publisher)]
 
 
 def get_clickhouse(settings: SettingsDep) -> Client:

@@ -5,6 +5,7 @@ parser, a per-caller rate limiter and the Kafka producer that waits for confirma
     parse_batch(body)           the events' raw JSON: a JSON array or {"events": [...]}
     RateLimiter                 token bucket per caller, in events/s with a burst
     EventProducer               one long-lived Producer; `send` returns once Kafka confirmed
+                                (the app's one producer, for every topic: api.deps.PublisherDep)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 
 import msgspec
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -158,9 +160,11 @@ class EventProducer:
                     "queue.buffering.max.messages": MAX_QUEUED}))
             return self._producer
 
-    def send(self, messages: list[tuple[bytes, bytes]]) -> str | None:
-        """Produces `(key, value)` pairs; None once Kafka confirmed every one, else why not
-        (an error, or no confirmation within `ingest_timeout_seconds`). Blocking. A batch the
+    def send(self, messages: Sequence[tuple[bytes, bytes | None]],
+             topic: str | None = None) -> str | None:
+        """Produces `(key, value)` pairs to `topic` (prefixed name; default `usage.events`;
+        a None value is a tombstone); None once Kafka confirmed every one, else why not (an
+        error, or no confirmation within `ingest_timeout_seconds`). Blocking. A batch the
         local queue has no room for is refused before any of it is produced."""
         if not messages:
             return None
@@ -177,7 +181,7 @@ class EventProducer:
             if err is not None:
                 errors.append(str(err))
 
-        produce, topic = producer.produce, self.topic
+        produce, topic = producer.produce, topic or self.topic
         try:
             for key, value in messages:
                 produce(topic, value, key, on_delivery=delivered)

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(4, ge=1, le=256)
     clickhouse_dsn: str = ""
     clickhouse_database: str = "keypulse"
+    notification_templates_file: Path | None = Field(
+        None, description="a notification template registry replacing the packaged one")
     events_ttl_days: int = Field(30, ge=1, le=3650)
     # Retention of the 10 s stats and of the 1 m / 1 h / 1 d rollups (docs/analytics.md).
     stats_ttl_days: int = Field(30, ge=1, le=3650)

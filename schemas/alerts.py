@@ -8,6 +8,8 @@ from typing import Annotated
 
 import msgspec
 
+from schemas.notifications import SYSTEM_USER
+
 
 class Metric(StrEnum):
     ERROR_RATE = "error_rate"
@@ -83,3 +85,35 @@ class Alert(msgspec.Struct, kw_only=True, frozen=True):
     resolved_at: datetime | None = None
     message: str = ""
     schema_version: int = 1
+
+
+GLOBAL_USER = SYSTEM_USER
+"""`user_id` of a template rule that applies to every user."""
+
+DEFAULT_PREFIX = "default"
+
+
+def default_rule_id(user_id: str, name: str) -> str:
+    """`default:{user_id}:{name}`, the id a default has for one user."""
+    return f"{DEFAULT_PREFIX}:{user_id}:{name}"
+
+
+def default_rules() -> tuple[AlertRule, ...]:
+    """The built-in templates (DESIGN §3), `user_id` "*"."""
+    return (
+        AlertRule(
+            rule_id=default_rule_id(GLOBAL_USER, "error_rate"), user_id=GLOBAL_USER,
+            name="Error rate above 5%", metric=Metric.ERROR_RATE, op=Op.GT, threshold=0.05,
+            for_windows=2, severity=Severity.WARNING,
+        ),
+        AlertRule(
+            rule_id=default_rule_id(GLOBAL_USER, "latency_p95_ms"), user_id=GLOBAL_USER,
+            name="p95 latency above 2 s", metric=Metric.LATENCY_P95_MS, op=Op.GT,
+            threshold=2000.0, for_windows=2, severity=Severity.WARNING,
+        ),
+        AlertRule(
+            rule_id=default_rule_id(GLOBAL_USER, "requests_anomaly"), user_id=GLOBAL_USER,
+            name="Request volume spike", metric=Metric.REQUESTS_ANOMALY, op=Op.GT,
+            threshold=4.0, severity=Severity.INFO,
+        ),
+    )

@@ -24,8 +24,10 @@ from typing import Any
 import msgspec
 
 from schemas.alerts import Alert, AlertRule
+from schemas.api_keys import ApiKeyEvent
+from schemas.audit import AuditRecord
 from schemas.events import MAX_EVENT_BYTES, MAX_TS_MS, MIN_TS_MS, SCHEMA_VERSION, UsageEvent
-from schemas.notifications import Notification, NotificationRead
+from schemas.notifications import Notification, NotificationDelete, NotificationRead
 from schemas.stats import StatsRecord
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,9 @@ MESSAGES: tuple[Message, ...] = (
     Message("alert_rule", AlertRule, "Kafka alert.rules (compacted, key rule_id)"),
     Message("notification", Notification, "Kafka notifications (kind = notification)"),
     Message("notification_read", NotificationRead, "Kafka notifications (kind = read)"),
+    Message("notification_delete", NotificationDelete, "Kafka notifications (kind = delete)"),
+    Message("apikey_event", ApiKeyEvent, "Kafka apikey.events (key user_id)"),
+    Message("audit_record", AuditRecord, "ClickHouse audit_log"),
 )
 
 # RFC 3339 date-time with a mandatory offset, as decode_event accepts it.
@@ -134,7 +139,7 @@ def _ws_documents() -> dict[str, Schema]:
         return {}
     client = {name: (kind or UsageEvent) for name, kind in ws.CLIENT_EVENTS.items()}
     server = dict(ws.SERVER_EVENTS)
-    models = sorted({*client.values(), *server.values(), ws.ApiKeyEvent},
+    models = sorted({*client.values(), *server.values()},
                     key=lambda t: t.__name__)
     (_, defs) = msgspec.json.schema_components(models, ref_template="#/$defs/{name}")
     _refine(defs)
@@ -178,10 +183,7 @@ def _ws_documents() -> dict[str, Schema]:
             required.append("cursor")
         server_frames.append({"title": name, "type": "object", "properties": properties,
                               "required": required})
-    apikey = _document(Message("apikey_event", ws.ApiKeyEvent,
-                               "Kafka apikey.events (key user_id)"))
     return {
-        "apikey_event": apikey,
         "ws_client_frame": {
             "$schema": DIALECT,
             "title": f"WebSocket client frame v{VERSION}",

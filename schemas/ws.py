@@ -14,13 +14,14 @@ connection); alert and notification frames also carry ``"cursor"``, an opaque re
         {api_key_id, service, name}         new_notification {notification}  (+cursor)
     ping {nonce?}                           notification_read {id, read, …}   (+cursor)
                                             system_notification {notification}
-                                            api_key_update {action, api_key_id, service, name}
+                                            api_key_update {action, api_key_id, service, name,
+                                                            event_id, declared_by}
                                             system_stats {…}                  (admins)
                                             resync_required {reason, cursor}
                                             pong {nonce?}
 
 `subscribed`, `notification_read` and `resync_required` extend DESIGN §7 (docs/websocket.md).
-The same module defines the `apikey.events` message (`ApiKeyEvent`), which the bridge produces.
+The `apikey.events` message (`ApiKeyEvent`) is in schemas/api_keys.py.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Annotated, Any
 import msgspec
 
 from schemas.alerts import Alert
+from schemas.api_keys import ApiKeyAction, DeclaredBy, Id, ServiceName
 from schemas.events import UsageEvent
 from schemas.notifications import Notification, NotificationRead
 from schemas.stats import StatsRecord
@@ -40,8 +42,6 @@ from schemas.stats import StatsRecord
 MAX_FRAME_BYTES = 64 * 1024
 MAX_NESTING = 32  # arrays/objects inside each other in one client frame
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-ServiceName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
 
 
 class Channel(StrEnum):
@@ -117,12 +117,6 @@ class ApiKeyChange(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     name: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
 
-class ApiKeyAction(StrEnum):
-    CREATED = "created"
-    UPDATED = "updated"
-    DELETED = "deleted"
-
-
 # `track_usage` data is a usage event (schemas.events), validated by `decode_event`.
 CLIENT_EVENTS: dict[str, type[Any] | None] = {
     "authenticate": Authenticate,
@@ -160,11 +154,15 @@ class Error(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class ApiKeyUpdate(msgspec.Struct, kw_only=True, frozen=True):
+    """`api_key_update`: an `apikey.events` message without its `user_id`."""
+
     action: ApiKeyAction
     api_key_id: str
     service: str
     name: str
     at: datetime
+    event_id: str = ""
+    declared_by: DeclaredBy = DeclaredBy.CLIENT
 
 
 class ResyncReason(StrEnum):
@@ -233,21 +231,6 @@ class ServerFrame(msgspec.Struct, frozen=True):
     ts: int
     seq: Annotated[int, msgspec.Meta(ge=1)]
     cursor: str | None = None
-
-
-# -- apikey.events (key = user_id) --------------------------------------------------------
-
-
-class ApiKeyEvent(msgspec.Struct, kw_only=True, frozen=True):
-    """One API key lifecycle change on `apikey.events`; metadata only, never the secret."""
-
-    action: ApiKeyAction
-    user_id: Id
-    api_key_id: Id
-    service: ServiceName
-    name: str = ""
-    at: datetime
-    schema_version: int = 1
 
 
 # -- encoding helpers ---------------------------------------------------------------------

@@ -13,7 +13,7 @@
     Replay                                  resume.py: missed alerts/notifications, bounded
     Monitor                                 monitoring.py: system_stats for admins
     (TokenBucket)                           core/limits.py: client frame rates
-    find_secret                             key_secrets.py: what a key secret looks like
+    (find_secret)                           core/secrets.py: what a key secret looks like
 """
 
 from ws_bridge.app import UVICORN_WS_OPTIONS, Bridge, create_bridge

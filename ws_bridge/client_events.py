@@ -18,14 +18,14 @@ import msgspec
 
 from core.auth import ADMIN_ROLE, AuthError, verify_token
 from core.clock import Clock
+from core.secrets import find_secret
 from core.settings import Settings
 from core.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_EVENTS
+from schemas.api_keys import ApiKeyAction, ApiKeyEvent
 from schemas.events import InvalidEvent, decode_event, encode_event
 from schemas.notifications import Notification, NotificationRead, NotificationType
 from schemas.ws import (
-    ApiKeyAction,
     ApiKeyChange,
-    ApiKeyEvent,
     Authenticate,
     Error,
     ErrorCode,
@@ -39,7 +39,6 @@ from schemas.ws import (
     frame_prefix,
 )
 from ws_bridge.connection import CHANNEL_BITS, Connection
-from ws_bridge.key_secrets import find_secret
 from ws_bridge.producer import Sink, Unavailable
 from ws_bridge.registry import Registry
 from ws_bridge.router import ORIGIN_HEADER, utc_now

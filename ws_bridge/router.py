@@ -28,10 +28,11 @@ from core.clock import Clock
 from core.settings import Settings
 from core.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_ALERTS, USAGE_EVENTS, USAGE_STATS
 from schemas.alerts import Alert
+from schemas.api_keys import ApiKeyEvent
 from schemas.events import InvalidEvent, decode_event
 from schemas.notifications import SYSTEM_USER, Notification, NotificationMessage
 from schemas.stats import StatsRecord
-from schemas.ws import ApiKeyEvent, ApiKeyUpdate, frame_prefix
+from schemas.ws import ApiKeyUpdate, frame_prefix
 from ws_bridge.connection import (
     ACTIVITY,
     ALERTS,

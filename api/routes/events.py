@@ -21,7 +21,7 @@ import msgspec
 from fastapi import APIRouter, FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentUserDep, SettingsDep
+from api.deps import CurrentUserDep, PublisherDep, SettingsDep
 from api.errors import APIError
 from api.ingest import (
     MAX_EVENTS,
@@ -88,33 +88,30 @@ _ERRORS = failures({
 })
 
 
-def _state(request: Request, settings: Settings) -> tuple[EventProducer, RateLimiter]:
-    """The app's producer and rate limiter, made on first use."""
+def _limiter(request: Request, settings: Settings) -> RateLimiter:
+    """The app's rate limiter, made on first use."""
     state = request.app.state
-    producer: EventProducer | None = getattr(state, "event_producer", None)
-    if producer is None:
-        producer = state.event_producer = EventProducer(settings)
     limiter: RateLimiter | None = getattr(state, "ingest_limiter", None)
     if limiter is None:
         clock: Clock = state.clock
         limiter = state.ingest_limiter = RateLimiter(
             settings.ingest_rate_per_second, settings.ingest_burst, clock)
-    return producer, limiter
+    return limiter
 
 
 @router.post("/events", status_code=202, openapi_extra=_REQUEST_BODY,
              summary="ingest usage events",
              responses={**described(IngestResult, 202, "Kafka confirmed the accepted events"),
                         **_ERRORS})
-async def post_events(request: Request, user: CurrentUserDep,
-                      settings: SettingsDep) -> MsgspecResponse:
+async def post_events(request: Request, user: CurrentUserDep, settings: SettingsDep,
+                      producer: PublisherDep) -> MsgspecResponse:
     """Validates each event as the pipeline does and produces the valid ones to
     `usage.events` (key `user_id`); answers once Kafka confirmed them all."""
     roles = user.roles or (USER_ROLE,)
     any_user = INGEST_ROLE in roles
     if not any_user and USER_ROLE not in roles:
         raise APIError(403, "forbidden", "this needs the ingest or user role")
-    producer, limiter = _state(request, settings)
+    limiter = _limiter(request, settings)
     raws = parse_batch(await read_body(request))
     wait = limiter.take(user.user_id, len(raws))
     if wait > 0:

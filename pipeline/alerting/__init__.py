@@ -32,15 +32,13 @@ from pipeline.alerting.incidents import (
 )
 from pipeline.alerting.notify import notification_for, notification_id
 from pipeline.alerting.rules import (
-    GLOBAL_USER,
     InvalidRuleMessage,
     RuleBook,
     RuleChange,
     decode_rule_message,
-    default_rule_id,
-    default_rules,
     instance_id,
 )
+from schemas.alerts import GLOBAL_USER, default_rule_id, default_rules
 
 __all__ = [
     "GLOBAL_USER",

@@ -42,15 +42,9 @@ from typing import Any, NamedTuple
 import msgspec
 
 from core.errors import KeypulseError
-from schemas.alerts import AlertRule, Metric, Op, Severity
-from schemas.notifications import SYSTEM_USER
+from schemas.alerts import GLOBAL_USER, AlertRule, default_rules
 
 logger = logging.getLogger(__name__)
-
-GLOBAL_USER = SYSTEM_USER
-"""`user_id` of a template that applies to every user."""
-
-DEFAULT_PREFIX = "default"
 
 
 class InvalidRuleMessage(KeypulseError):
@@ -62,32 +56,6 @@ class RuleChange(NamedTuple):
 
     rule_id: str
     rule: AlertRule | None
-
-
-def default_rule_id(user_id: str, name: str) -> str:
-    """`default:{user_id}:{name}`, the id a default has for one user."""
-    return f"{DEFAULT_PREFIX}:{user_id}:{name}"
-
-
-def default_rules() -> tuple[AlertRule, ...]:
-    """The built-in templates (DESIGN §3), `user_id` "*"."""
-    return (
-        AlertRule(
-            rule_id=default_rule_id(GLOBAL_USER, "error_rate"), user_id=GLOBAL_USER,
-            name="Error rate above 5%", metric=Metric.ERROR_RATE, op=Op.GT, threshold=0.05,
-            for_windows=2, severity=Severity.WARNING,
-        ),
-        AlertRule(
-            rule_id=default_rule_id(GLOBAL_USER, "latency_p95_ms"), user_id=GLOBAL_USER,
-            name="p95 latency above 2 s", metric=Metric.LATENCY_P95_MS, op=Op.GT,
-            threshold=2000.0, for_windows=2, severity=Severity.WARNING,
-        ),
-        AlertRule(
-            rule_id=default_rule_id(GLOBAL_USER, "requests_anomaly"), user_id=GLOBAL_USER,
-            name="Request volume spike", metric=Metric.REQUESTS_ANOMALY, op=Op.GT,
-            threshold=4.0, severity=Severity.INFO,
-        ),
-    )
 
 
 def instance_id(template_id: str, user_id: str) -> str:

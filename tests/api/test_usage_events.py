@@ -29,11 +29,10 @@ from api.params import DAY_MS, encode_cursor, iso, parse_instant
 from core import sketch
 from core.clock import ManualClock
 from core.errors import ServiceError
-from core.outputs import EVENT_ROWS_OUTPUT
+from core.outputs import EVENT_ROWS_OUTPUT, insert
 from core.settings import Settings, load
 from infra.clickhouse.migrate import migrate
 from pipeline.rows import encode_rows
-from pipeline.sinks import insert
 from schemas.events import UsageEvent
 
 HOUR_MS = 3_600_000

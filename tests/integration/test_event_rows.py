@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 from msgspec.structs import astuple
 
-from core.outputs import EVENT_ROWS_OUTPUT
+from core.outputs import EVENT_ROWS_OUTPUT, insert
 from core.settings import Settings
 from infra.clickhouse.migrate import migrate
 from pipeline.rows import EVENT_ROW_COLUMNS, encode_rows
-from pipeline.sinks import insert
 from schemas.events import decode_event
 from tests.integration.harness import embedded
 

@@ -10,12 +10,11 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from msgspec.structs import astuple
 
-from core.outputs import EVENT_ROWS_OUTPUT
+from core.outputs import EVENT_ROWS_OUTPUT, insert
 from core.settings import load
 from infra.clickhouse.migrate import load_migrations, migrate
 from keypulse.cli import main
 from pipeline.rows import encode_rows
-from pipeline.sinks import insert
 from schemas.events import decode_event
 from tests.integration.harness import embedded
 
@@ -104,7 +103,7 @@ def test_raw_events_move_to_monthly_partitions_with_their_rows_ttl_and_view(
 
         applied = migrate(client, settings, progress=lambda _line: None)
         # the TTLs set again on the rebuilt tables; the rollups' retention once they exist
-        assert applied == ["0006", "0007", "0008", "0009", "R__events_ttl", "R__rollup_ttl"]
+        assert applied == ["0006", "0007", "0008", "0009", "0010", "R__events_ttl", "R__rollup_ttl"]
         assert _partition_key(client, db) == "toYYYYMM(ts)"
         ttl = client.query("SELECT create_table_query FROM system.tables WHERE "
                            f"database = '{db}' AND name = 'usage_events'").result_rows[0][0]

@@ -20,6 +20,8 @@ import pytest
 
 from schemas import export
 from schemas.alerts import Alert, AlertRule
+from schemas.api_keys import ApiKeyEvent
+from schemas.audit import AuditRecord
 from schemas.events import (
     MAX_EVENT_BYTES,
     MAX_TS_MS,
@@ -28,11 +30,15 @@ from schemas.events import (
     UsageEvent,
     decode_event,
 )
-from schemas.notifications import Notification, NotificationRead
+from schemas.notifications import (
+    Notification,
+    NotificationDelete,
+    NotificationMessage,
+    NotificationRead,
+)
 from schemas.stats import StatsRecord
 from schemas.ws import (
     CLIENT_EVENTS,
-    ApiKeyEvent,
     ClientFrame,
     decode_server_frame,
 )
@@ -44,8 +50,10 @@ INVALID = EXAMPLES / "invalid" / "usage.events"
 
 
 def _decode_notification(raw: bytes) -> tuple[object, str]:
-    message = msgspec.json.decode(raw, type=Notification | NotificationRead)
-    return message, "notification" if isinstance(message, Notification) else "notification_read"
+    message = msgspec.json.decode(raw, type=NotificationMessage)
+    schema = {Notification: "notification", NotificationRead: "notification_read",
+              NotificationDelete: "notification_delete"}[type(message)]
+    return message, schema
 
 
 def _decode_client_frame(raw: bytes) -> tuple[object, str]:
@@ -71,6 +79,7 @@ DECODERS: dict[str, Callable[[bytes], tuple[object, str]]] = {
     "alert.rules": _model(AlertRule, "alert_rule"),
     "notifications": _decode_notification,
     "apikey.events": _model(ApiKeyEvent, "apikey_event"),
+    "audit_log": _model(AuditRecord, "audit_record"),
     "ws.client": _decode_client_frame,
     "ws.server": _decode_server_frame,
 }

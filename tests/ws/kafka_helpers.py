@@ -11,9 +11,9 @@ from confluent_kafka import Producer
 from core.kafka import producer_config
 from core.settings import Settings
 from schemas.alerts import Alert, AlertState, Metric, Op, Severity
+from schemas.api_keys import ApiKeyAction, ApiKeyEvent
 from schemas.notifications import Notification, NotificationType
 from schemas.stats import StatsRecord
-from schemas.ws import ApiKeyAction, ApiKeyEvent
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 _enc = msgspec.json.Encoder()

@@ -14,9 +14,9 @@ from confluent_kafka import Consumer, TopicPartition
 
 from core.kafka import consumer_config, partition_for
 from core.settings import Settings
+from schemas.api_keys import ApiKeyEvent
 from schemas.events import decode_event
 from schemas.notifications import NotificationMessage, NotificationRead
-from schemas.ws import ApiKeyEvent
 from tests.ws import kafka_helpers as kh
 from tests.ws.harness import expect, login, quiet, recv, send
 

@@ -11,9 +11,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from core.settings import Settings
+from schemas.api_keys import ApiKeyEvent
 from schemas.events import decode_event
 from schemas.notifications import NotificationRead
-from schemas.ws import CLIENT_EVENTS, MAX_NESTING, SERVER_EVENTS, ApiKeyEvent, client_frame
+from schemas.ws import CLIENT_EVENTS, MAX_NESTING, SERVER_EVENTS, client_frame
 from tests.ws.harness import ListSink, expect, login, open_ws, quiet, send, token
 from ws_bridge import Limits
 

@@ -12,12 +12,12 @@ import pytest
 from core.clock import ManualClock
 from core.kafka import murmur2, partition_for
 from core.limits import TokenBucket
+from core.secrets import find_secret, looks_like_secret, secret_field_name
 from core.settings import Settings
 from schemas.ws import MAX_NESTING, InvalidFrame, decode_client_frame
 from tests.ws import kafka_helpers as kh
 from ws_bridge import cursor
 from ws_bridge.connection import CLOSE_OVERFLOW, CURSOR_ALERTS, CURSOR_NOTIFICATIONS, Connection
-from ws_bridge.key_secrets import find_secret, looks_like_secret, secret_field_name
 from ws_bridge.registry import Registry
 from ws_bridge.router import Kind, Mode, Router
 from ws_bridge.stats import BridgeStats

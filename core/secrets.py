@@ -1,7 +1,7 @@
 """What an API key secret looks like, so `api_key_*` events can refuse one (metadata only).
 
 `find_secret(fields, allowed)` names the first field that is called like a secret or holds a
-string shaped like one; the client events answer it with `secret_refused`.
+string shaped like one; the bridge answers it with `secret_refused`, the API with 422.
 """
 
 from __future__ import annotations
