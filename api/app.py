@@ -12,8 +12,21 @@ from fastapi import APIRouter, FastAPI
 
 from api import errors, openapi
 from api.responses import MsgspecResponse
-from api.routes import admin, clickhouse, events, health, system, usage, usage_events
-from core import __version__
+from api.routes import (
+    admin,
+    alert_rules,
+    alerts,
+    announcements,
+    api_keys,
+    clickhouse,
+    events,
+    health,
+    notifications,
+    system,
+    usage,
+    usage_events,
+)
+from core import __version__, templates
 from core.clock import Clock, system_clock
 from core.settings import Settings
 
@@ -36,6 +49,10 @@ TAGS = [
     {"name": "usage", "description": "a user's analytics: summary, time series, breakdowns, "
                                      "raw events, exports"},
     {"name": "sql", "description": "read-only SQL for analysts (ClickHouse's HTTP interface)"},
+    {"name": "alert rules", "description": "a user's alert rules, defaults included"},
+    {"name": "alerts", "description": "a user's alert history"},
+    {"name": "notifications", "description": "a user's notifications and their read state"},
+    {"name": "api keys", "description": "API-key lifecycle events (role `service`)"},
     {"name": "admin", "description": "administration (role `admin`)"},
     {"name": "health", "description": "liveness and Prometheus metrics"},
     {"name": "system", "description": "process and machine stats"},
@@ -64,6 +81,7 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
     app.state.settings = settings
     app.state.clock = clock
     app.state.health_checks = tuple(health_checks)
+    app.state.templates = templates.load(settings.notification_templates_file)  # checked now
     errors.install(app)
     openapi.install(app, security_schemes=clickhouse.SECURITY_SCHEMES)
     app.include_router(health.router)
@@ -73,6 +91,11 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
     app.include_router(clickhouse.router)
     app.include_router(usage.router)
     app.include_router(usage_events.router)
+    app.include_router(alert_rules.router)
+    app.include_router(alerts.router)
+    app.include_router(notifications.router)
+    app.include_router(announcements.router)
+    app.include_router(api_keys.router)
     for router in routers:
         app.include_router(router)
     return app

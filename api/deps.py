@@ -10,6 +10,7 @@
     OwnerDep          the caller whose own rows a user route reads (user or admin), else 403
     PublisherDep      the app's Kafka producer (api.ingest.EventProducer), made on first use:
                       `send(messages, topic)` returns once Kafka confirmed
+    TemplatesDep      the notification template registry (core.templates), checked at start
 
 Routes that query ClickHouse are plain `def` (the client blocks; FastAPI runs them in its
 thread pool).
@@ -30,6 +31,7 @@ from core.auth import ADMIN_ROLE, USER_ROLE, AuthError, Principal, verify_token
 from core.clickhouse import shared_client
 from core.clock import Clock
 from core.settings import Settings
+from core.templates import Templates
 
 BEARER = {"WWW-Authenticate": "Bearer"}
 _bearer = HTTPBearer(auto_error=False, description="a keypulse JWT (`keypulse token`)")
@@ -52,6 +54,14 @@ def get_publisher(request: Request) -> EventProducer:
 
 
 PublisherDep = Annotated[EventProducer, Depends(get_publisher)]
+
+
+def get_templates(request: Request) -> Templates:
+    templates: Templates = request.app.state.templates  # loaded and checked by create_app
+    return templates
+
+
+TemplatesDep = Annotated[Templates, Depends(get_templates)]
 
 
 def get_clickhouse(settings: SettingsDep) -> Client:
