@@ -11,7 +11,7 @@ Where things go (the skeleton the HTTP API issue fills):
     errors.py              APIError and the handlers: every error is {"error": {...}}
 
 Today: `/healthz` (503 with a reason when a health check fails: the embedded pipeline dead or
-stuck), `/metrics`, `/api/system/stats` and `/v1/admin/tables` (admin).
+stuck), `/metrics`, and the admin routes `/v1/admin/tables`, `/system`, `/audit`.
 """
 
 from api.app import create_app

@@ -19,16 +19,18 @@ from api.routes import (
     announcements,
     api_keys,
     clickhouse,
+    dev,
     events,
     health,
     notifications,
-    system,
     usage,
     usage_events,
+    web,
 )
 from core import __version__, templates
 from core.clock import Clock, system_clock
 from core.settings import Settings
+from core.telemetry import HttpLatency, Telemetry
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
 HealthCheck = Callable[[], str | None]  # why the process is not healthy, or None
@@ -54,14 +56,14 @@ TAGS = [
     {"name": "notifications", "description": "a user's notifications and their read state"},
     {"name": "api keys", "description": "API-key lifecycle events (role `service`)"},
     {"name": "admin", "description": "administration (role `admin`)"},
+    {"name": "dev", "description": "dev mode only: the dashboard's demo sign-in"},
     {"name": "health", "description": "liveness and Prometheus metrics"},
-    {"name": "system", "description": "process and machine stats"},
 ]
 
 
 def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
                lifespans: Sequence[Lifespan] = (), health_checks: Sequence[HealthCheck] = (),
-               clock: Clock = system_clock) -> FastAPI:
+               clock: Clock = system_clock, telemetry: Telemetry | None = None) -> FastAPI:
     """The API app; `routers`, `lifespans` and `health_checks` let `keypulse run` add the
     bridge and the pipeline beside it. Refuses (ConfigError) a missing or placeholder JWT
     secret outside dev mode, before anything is served."""
@@ -70,6 +72,7 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(admin.store_registered(settings))  # for a bridge beside us
             for part in lifespans:
                 await stack.enter_async_context(part(app))
             yield
@@ -81,11 +84,12 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
     app.state.settings = settings
     app.state.clock = clock
     app.state.health_checks = tuple(health_checks)
+    app.state.telemetry = telemetry = telemetry or Telemetry()  # /readyz, /metrics
+    app.add_middleware(HttpLatency, telemetry=telemetry)  # core.telemetry
     app.state.templates = templates.load(settings.notification_templates_file)  # checked now
     errors.install(app)
     openapi.install(app, security_schemes=clickhouse.SECURITY_SCHEMES)
     app.include_router(health.router)
-    app.include_router(system.router)
     app.include_router(admin.router)
     app.include_router(events.router)
     app.include_router(clickhouse.router)
@@ -96,6 +100,8 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
     app.include_router(notifications.router)
     app.include_router(announcements.router)
     app.include_router(api_keys.router)
+    app.include_router(dev.router)
+    app.include_router(web.router)  # `/` and `/web/*` only (docs/dashboard.md)
     for router in routers:
         app.include_router(router)
     return app

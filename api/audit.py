@@ -1,7 +1,7 @@
 """The audit trail: one `audit_log` row per change made through the API, written before the
 answer (DESIGN §8, schemas/audit.py).
 
-    audit.record(request, principal, "alert_rule.update", target=rule_id,
+    audit.record(request, client, principal, "alert_rule.update", target=rule_id,
                  user_id=principal.user_id, details={"version": "3"})
 
 A change is answered only once its row is stored: if the trail cannot be written the request
@@ -22,7 +22,6 @@ from fastapi import Request
 
 from api.errors import APIError
 from core.auth import Principal
-from core.clickhouse import shared_client
 from core.clock import Clock
 from core.outputs import AUDIT_OUTPUT, insert_records
 from core.settings import Settings
@@ -63,10 +62,12 @@ def write(client: Client, settings: Settings, records: list[AuditRecord]) -> Non
                        headers={"Retry-After": "1"}) from None
 
 
-def record(request: Request, principal: Principal, action: str, *, target: str = "",
-           user_id: str = "", details: Mapping[str, object] | None = None) -> AuditRecord:
-    """`entry` + `write` on the app's ClickHouse: the usual one-liner in a (sync) route."""
+def record(request: Request, client: Client, principal: Principal, action: str, *,
+           target: str = "", user_id: str = "",
+           details: Mapping[str, object] | None = None) -> AuditRecord:
+    """`entry` + `write` on the route's ClickHouse client (ClickHouseDep): the usual
+    one-liner in a (sync) route."""
     settings: Settings = request.app.state.settings
     rec = entry(request, principal, action, target=target, user_id=user_id, details=details)
-    write(shared_client(settings), settings, [rec])
+    write(client, settings, [rec])
     return rec

@@ -10,6 +10,20 @@ rate, server RSS per 1,000 connections, p50/p99 latency from Kafka produce (the 
 carried in the message) to client receive, split at the bridge's frame `ts`, the same
 latency for a plain Kafka consumer of the same messages (the broker's share on this
 machine), frame checks (seq gaps, foreign frames, lost sockets), and CPU.
+
+The live tier (DESIGN §9, ws_bridge/live.py), with `--events-rate N`:
+
+    .venv/bin/python bench/ws.py --connections 10000 --rate 0 --events-rate 20000 --seconds 30
+
+produces N usage events/s (ts = now, random users and `--services`) to `usage.events`; every
+connection is subscribed to `stats` (the default). Each event's produce time is kept per
+(user, service, window), and each `usage_stats_update` frame received counts the events it
+covers, so the figures are per event: event → first provisional frame that counts it, and
+event → final frame (plus window end → final frame). The finals come from `keypulse
+pipeline` (started with `--no-alerts`, against an empty chDB directory, warmed up until it
+closes a first window) or, with `--finals synthetic`, from this script itself at window end +
+lateness (the bridge's share alone). Prints the bridge's CPU (% of one core; the pipeline's
+apart), frames per second, the bridge's `live_*` counters from its /metrics.
 Raises its own (and the server's) open-file limit. Not a test: it prints figures.
 """
 
@@ -22,14 +36,19 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 import uuid
+from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import psutil
@@ -42,11 +61,22 @@ from core.kafka import consumer_config, producer_config  # noqa: E402
 from core.settings import Settings, load  # noqa: E402
 from infra.kafka import launcher  # noqa: E402
 from schemas.notifications import Notification, NotificationType  # noqa: E402
+from schemas.stats import StatsRecord  # noqa: E402
 
 
 class _Data(msgspec.Struct):
     data: dict[str, str] = {}
     user_id: str = ""
+    # usage_stats_update
+    service: str = ""
+    window_start: datetime | None = None
+    requests: int = 0
+    final: bool = True
+
+
+# a received stats frame: user, service, window start (epoch ms), requests, final, received at,
+# built at (the frame's ts, s)
+StatsSample = tuple[str, str, int, int, bool, float, float]
 
 
 def raise_nofile(n: int = 65_536) -> None:
@@ -86,6 +116,7 @@ class _Load:
         self.decoder = msgspec.json.Decoder(_Frame)
         self.latencies: list[float] = []
         self.to_bridge: list[float] = []  # produce → bridge built the frame
+        self.stats: list[StatsSample] = []
         self.broadcasts = 0
         self.seq_errors = 0
         self.foreign = 0
@@ -189,6 +220,14 @@ class _Client(asyncio.Protocol):
             self.authed = None
             return
         data = frame.data
+        if frame.event == "usage_stats_update":
+            if data.user_id != self.user:
+                load.foreign += 1
+            start = data.window_start
+            assert start is not None
+            load.stats.append((self.user, data.service, int(start.timestamp() * 1000),
+                               data.requests, data.final, now, frame.ts / 1000))
+            return
         sent = data.data.get("t")
         if sent is None:
             return
@@ -245,7 +284,7 @@ async def _client(host: str, port: int, users: list[str], settings: Settings,
         await asyncio.sleep(0.2)
     cpu = time.process_time() - cpu0
     out.put(("latencies", load.latencies, load.to_bridge, load.broadcasts, load.seq_errors,
-             load.foreign, load.lost, cpu))
+             load.foreign, load.lost, cpu, load.stats))
     load.stopping = True
     for client in conns:
         if client.transport is not None:
@@ -329,6 +368,185 @@ def produce(settings: Settings, users: list[str], rate: int, seconds: float,
     return sent, broadcasts
 
 
+# -- the live tier -------------------------------------------------------------------------
+
+SentAt = dict[tuple[str, str, int], list[float]]  # (user, service, window ms) → produce times
+
+
+def produce_events(settings: Settings, users: list[str], services: list[str], rate: int,
+                   seconds: float, sent_at: SentAt, done: threading.Event, *,
+                   synthetic_finals: bool) -> tuple[int, int]:
+    """`rate` usage events/s (ts = now) for `seconds`, their produce times in `sent_at`; with
+    `synthetic_finals`, each window's final records too, at window end + lateness (what the
+    pipeline does at the earliest). Sets `done` when the events are produced; returns
+    (events, final records) produced."""
+    from confluent_kafka import Producer
+
+    producer = Producer(producer_config(settings, **{"linger.ms": 5}))
+    enc = msgspec.json.Encoder()
+    topic = settings.topic("usage.events")
+    stats_topic = settings.topic("usage.stats")
+    window_ms = settings.window_seconds * 1000
+    lateness_ms = settings.allowed_lateness_seconds * 1000
+    open_windows: dict[int, set[tuple[str, str]]] = defaultdict(set)
+    sent = finals = 0
+    # metadata and connections first (a user nobody watches), or the first events wait
+    producer.produce(topic, key=b"warmup", value=enc.encode({
+        "event_id": uuid.uuid4().hex, "ts": int(time.time() * 1000), "user_id": "warmup",
+        "api_key_id": "k", "service": "warmup", "status_code": 200, "latency_ms": 1}))
+    producer.produce(stats_topic, key=b"warmup", value=b"{}")
+    producer.flush(10)
+
+    def close_windows(now_ms: float, *, everything: bool = False) -> int:
+        produced = 0
+        for start in sorted(open_windows):
+            if not everything and start + window_ms + lateness_ms > now_ms:
+                break
+            begin = datetime.fromtimestamp(start / 1000, tz=UTC)
+            end = datetime.fromtimestamp((start + window_ms) / 1000, tz=UTC)
+            for user, service in open_windows.pop(start):
+                n = len(sent_at[(user, service, start)])
+                record = StatsRecord(
+                    user_id=user, service=service, window_start=begin, window_end=end,
+                    window_seconds=window_ms // 1000, requests=n, successes=n, client_errors=0,
+                    server_errors=0, success_rate=1.0, error_rate=0.0, server_error_rate=0.0,
+                    latency_avg_ms=1.0, latency_p50_ms=1.0, latency_p95_ms=1.0,
+                    latency_p99_ms=1.0, latency_max_ms=1.0, tokens_in=0, tokens_out=0,
+                    cost_usd=0.0)
+                producer.produce(stats_topic, key=user.encode(), value=enc.encode(record))
+                producer.poll(0)
+                produced += 1
+        return produced
+
+    start = time.time()
+    while (now := time.time()) - start < seconds:
+        due = int((now - start) * rate)
+        while sent < due:
+            user = random.choice(users)
+            service = random.choice(services)
+            stamp = time.time()
+            ts = int(stamp * 1000)
+            window = ts - ts % window_ms
+            status = 200 if random.random() < 0.97 else random.choice((429, 500, 503))
+            value = enc.encode({
+                "event_id": os.urandom(12).hex(), "ts": ts, "user_id": user,
+                "api_key_id": "key-1", "service": service, "status_code": status,
+                "latency_ms": round(random.lognormvariate(5.5, 0.8), 3),
+                "endpoint": "/v1/chat/completions", "method": "POST",
+                "tokens_in": random.randint(10, 2000), "tokens_out": random.randint(1, 800),
+                "cost_usd": 0.0004})
+            producer.produce(topic, key=user.encode(), value=value)
+            sent_at.setdefault((user, service, window), []).append(stamp)
+            if synthetic_finals:
+                open_windows[window].add((user, service))
+            sent += 1
+        if synthetic_finals:
+            finals += close_windows(now * 1000)
+        producer.poll(0)
+        time.sleep(0.001)
+    producer.flush(10)
+    done.set()
+    if synthetic_finals:  # the windows still open close as the pipeline would, on time
+        while open_windows:
+            time.sleep(0.05)
+            finals += close_windows(time.time() * 1000)
+        producer.flush(10)
+    return sent, finals
+
+
+def live_latencies(sent_at: SentAt, samples: list[StatsSample],
+                   window_ms: int) -> dict[str, Any]:
+    """Per event: produce → the first provisional frame that counts it, produce → the final
+    frame of its window; per window: window end → its final frame (one connection per
+    user, so the frames of a (user, service, window) are one stream, in receive order)."""
+    frames: dict[tuple[str, str, int], list[tuple[float, int, bool, float]]] = defaultdict(list)
+    for user, service, start, requests, final, received, built in samples:
+        frames[(user, service, start)].append((received, requests, final, built))
+    provisional: list[float] = []
+    provisional_built: list[float] = []  # produce → the bridge built the frame
+    final_lat: list[float] = []
+    close: list[float] = []
+    close_built: list[float] = []
+    uncovered = windows_final = after_final = agreed = 0
+    for key, times in sent_at.items():
+        covered = 0
+        finalized = False
+        for received, requests, final, built in sorted(frames.get(key, ())):
+            if finalized:
+                after_final += 1  # a frame after the final one: must not happen
+                continue
+            if final:
+                final_lat.extend(received - t for t in times)
+                close.append(received - (key[2] + window_ms) / 1000)
+                close_built.append(built - (key[2] + window_ms) / 1000)
+                windows_final += 1
+                agreed += requests == covered == len(times)
+                finalized = True
+                continue
+            n = min(requests, len(times))
+            if n > covered:
+                provisional.extend(received - t for t in times[covered:n])
+                provisional_built.extend(built - t for t in times[covered:n])
+                covered = n
+        uncovered += len(times) - covered
+    return {"provisional": provisional, "final": final_lat, "close": close,
+            "provisional_built": provisional_built, "close_built": close_built,
+            "uncovered": uncovered, "windows": len(sent_at), "windows_final": windows_final,
+            "after_final": after_final, "frames": len(samples), "agreed": agreed,
+            "provisional_frames": sum(1 for s in samples if not s[4])}
+
+
+def start_pipeline(settings: Settings, data_dir: Path) -> subprocess.Popen[bytes]:
+    """`keypulse pipeline --no-alerts` on an empty chDB directory, this run's topics."""
+    env = {**os.environ, "KEYPULSE_DEV": "1", "KEYPULSE_DATA_DIR": str(data_dir),
+           "KEYPULSE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+           "KEYPULSE_TOPIC_PREFIX": settings.topic_prefix, "KEYPULSE_CLICKHOUSE_DSN": "",
+           "KEYPULSE_PIPELINE_HTTP_PORT": "0", "KEYPULSE_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen([sys.executable, "-m", "keypulse.cli", "pipeline", "--no-alerts"],
+                            env=env, cwd=REPO)
+
+
+def warm_up_pipeline(settings: Settings, pipeline: subprocess.Popen[bytes],
+                     timeout: float = 180.0) -> bool:
+    """One event of a user nobody watches, then wait until the pipeline closes its window:
+    it is then consuming, so the run's finals are not a cold start's backlog."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    consumer = Consumer(consumer_config(settings, group_id=f"warm-{uuid.uuid4().hex}"))
+    topic = settings.topic("usage.stats")
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+    producer = Producer(producer_config(settings))
+    producer.produce(settings.topic("usage.events"), key=b"warmup", value=msgspec.json.encode({
+        "event_id": uuid.uuid4().hex, "ts": int(time.time() * 1000), "user_id": "warmup",
+        "api_key_id": "k", "service": "warmup", "status_code": 200, "latency_ms": 1}))
+    producer.flush(10)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and pipeline.poll() is None:
+            for msg in consumer.consume(100, 0.5):
+                if msg.error() is None and msg.key() == b"warmup":
+                    return True
+        return False
+    finally:
+        consumer.close()
+
+
+def bridge_counters(port: int) -> dict[str, float]:
+    """The bridge's `keypulse_ws_live_*` figures from its /metrics."""
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("keypulse_ws_live_"):
+            name, _, value = line.partition(" ")
+            out[name.removeprefix("keypulse_ws_").removesuffix("_total")] = float(value)
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -344,6 +562,15 @@ def main() -> int:
     parser.add_argument("--loaders", type=int, default=2)
     parser.add_argument("--linger-ms", type=float, default=0.0,
                         help="producer linger.ms (per-user notifications want it at 0)")
+    parser.add_argument("--events-rate", type=int, default=0,
+                        help="live tier: usage events per second (0: not measured)")
+    parser.add_argument("--services", default="openai,anthropic,stripe",
+                        help="live tier: the events' services, comma-separated")
+    parser.add_argument("--finals", choices=("pipeline", "synthetic"), default="pipeline",
+                        help="live tier: where the final records come from")
+    parser.add_argument("--events-for", choices=("connected", "others"), default="connected",
+                        help="live tier: events of the connected users, or of as many users "
+                             "connected nowhere (the bridge's cost without the tier)")
     args = parser.parse_args()
     raise_nofile()
 
@@ -357,7 +584,16 @@ def main() -> int:
     server = subprocess.Popen(
         [sys.executable, "-m", "keypulse.cli", "ws", "--host", "127.0.0.1", "--port", str(port)],
         env=env, cwd=REPO, preexec_fn=raise_nofile)  # noqa: PLW1509 - before threads
+    live = args.events_rate > 0
+    pipeline: subprocess.Popen[bytes] | None = None
+    data_dir = tempfile.TemporaryDirectory(prefix="kp-bench-ws-")
     try:
+        if live and args.finals == "pipeline":
+            pipeline = start_pipeline(settings, Path(data_dir.name))
+            print("pipeline started; warming up (until it closes a first window)")
+            if not warm_up_pipeline(settings, pipeline):
+                print("the pipeline did not close a window in time")
+                return 1
         deadline = time.time() + 30
         while True:
             try:
@@ -393,25 +629,52 @@ def main() -> int:
         connect_secs = time.time() - started
         time.sleep(2.0)
         rss_connected = proc.memory_info().rss
+        pipeline_proc = psutil.Process(pipeline.pid) if pipeline is not None else None
+        pcpu0 = pipeline_proc.cpu_times() if pipeline_proc is not None else None
         cpu0 = proc.cpu_times()
         t0 = time.time()
-        probe = _Probe(settings)
-        sent, broadcasts = produce(settings, users, args.rate, args.seconds, args.linger_ms)
+        probe = _Probe(settings) if args.rate > 0 else None
+        sent_at: SentAt = {}
+        live_result: list[tuple[int, int]] = []
+        events_done = threading.Event()
+        event_users = (users if args.events_for == "connected"
+                       else [f"other-{i:05d}" for i in range(args.connections)])
+        live_thread = threading.Thread(target=lambda: live_result.append(produce_events(
+            settings, event_users, args.services.split(","), args.events_rate, args.seconds,
+            sent_at,
+            events_done, synthetic_finals=args.finals == "synthetic")), daemon=True)
+        if live:
+            live_thread.start()
+        sent = broadcasts = 0
+        if args.rate > 0:
+            sent, broadcasts = produce(settings, users, args.rate, args.seconds, args.linger_ms)
+        else:
+            time.sleep(args.seconds)
+        if live:
+            events_done.wait()
         time.sleep(2.0)
-        kafka_alone = probe.close()
+        kafka_alone = probe.close() if probe is not None else []
         cpu1 = proc.cpu_times()
+        pcpu1 = pipeline_proc.cpu_times() if pipeline_proc is not None else None
         wall = time.time() - t0
         rss_loaded = proc.memory_info().rss
+        if live:  # the last windows' finals: window + lateness after their last events
+            live_thread.join()
+            time.sleep(settings.window_seconds + settings.allowed_lateness_seconds + 3
+                       if args.finals == "pipeline" else 2.0)
+        counters = bridge_counters(port) if live else {}
         stop.set()
         latencies: list[float] = []
         to_bridge: list[float] = []
+        samples: list[StatsSample] = []
         received_broadcasts = seq_errors = foreign = lost = 0
         client_cpu = 0.0
         for _ in loaders:
-            kind, lat, tb, bc, se, fo, lo, ccpu = out.get(timeout=120)
+            kind, lat, tb, bc, se, fo, lo, ccpu, st = out.get(timeout=120)
             lost += lo
             latencies.extend(lat)
             to_bridge.extend(tb)
+            samples.extend(st)
             received_broadcasts += bc
             seq_errors += se
             foreign += fo
@@ -431,18 +694,27 @@ def main() -> int:
         total_k = rss_connected / 2**20 / max(connected, 1) * 1000
         print(f"server RSS total/1,000   {total_k:.1f} MiB")
         print(f"server RSS under load    {rss_loaded / 2**20:,.1f} MiB")
-        print(f"produced                 {sent} per-user ({sent / args.seconds:,.0f}/s), "
-              f"{broadcasts} broadcasts")
-        print(f"received                 {len(latencies)} per-user, "
-              f"{received_broadcasts} broadcast frames "
-              f"(expected {broadcasts * connected})")
-        print(f"latency produce→receive  p50 {pct(latencies, 0.5) * 1000:.1f} ms, "
-              f"p99 {pct(latencies, 0.99) * 1000:.1f} ms, "
-              f"max {max(latencies or [0]) * 1000:.1f} ms")
-        print(f"  of which produce→bridge p50 {pct(to_bridge, 0.5) * 1000:.1f} ms, "
-              f"p99 {pct(to_bridge, 0.99) * 1000:.1f} ms (bridge frame ts, 1 ms resolution)")
-        print(f"Kafka alone (probe)      p50 {pct(kafka_alone, 0.5) * 1000:.1f} ms, "
-              f"p99 {pct(kafka_alone, 0.99) * 1000:.1f} ms (plain consumer, same messages)")
+        if args.rate > 0:
+            print(f"produced                 {sent} per-user ({sent / args.seconds:,.0f}/s), "
+                  f"{broadcasts} broadcasts")
+            print(f"received                 {len(latencies)} per-user, "
+                  f"{received_broadcasts} broadcast frames "
+                  f"(expected {broadcasts * connected})")
+            print(f"latency produce→receive  p50 {pct(latencies, 0.5) * 1000:.1f} ms, "
+                  f"p99 {pct(latencies, 0.99) * 1000:.1f} ms, "
+                  f"max {max(latencies or [0]) * 1000:.1f} ms")
+            print(f"  of which produce→bridge p50 {pct(to_bridge, 0.5) * 1000:.1f} ms, "
+                  f"p99 {pct(to_bridge, 0.99) * 1000:.1f} ms (bridge frame ts, 1 ms "
+                  "resolution)")
+            print(f"Kafka alone (probe)      p50 {pct(kafka_alone, 0.5) * 1000:.1f} ms, "
+                  f"p99 {pct(kafka_alone, 0.99) * 1000:.1f} ms (plain consumer, same "
+                  "messages)")
+        if live:
+            print_live(args, settings, sent_at, samples, live_result, counters, wall)
+            if pcpu0 is not None and pcpu1 is not None:
+                pipeline_cpu = (pcpu1.user + pcpu1.system - pcpu0.user - pcpu0.system) / wall
+                print(f"pipeline CPU             {pipeline_cpu * 100:.0f} % of one core "
+                      "(keypulse pipeline, apart from the bridge)")
         print(f"frame checks             {seq_errors} seq gaps, {foreign} frames of another user, "
               f"{lost} sockets lost during the run")
         print(f"server CPU under load    {cpu:.0f} % of one core")
@@ -451,12 +723,53 @@ def main() -> int:
         return 0
     finally:
         server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        if pipeline is not None:
+            pipeline.send_signal(signal.SIGTERM)
+        for child in (server, pipeline):
+            if child is None:
+                continue
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        data_dir.cleanup()
         launcher.delete_topics(settings)
 
+
+def print_live(args: argparse.Namespace, settings: Settings, sent_at: SentAt,
+               samples: list[StatsSample], produced: list[tuple[int, int]],
+               counters: dict[str, float], wall: float) -> None:
+    events, synthetic = produced[0] if produced else (0, 0)
+    result = live_latencies(sent_at, samples, settings.window_seconds * 1000)
+    prov, final, close = result["provisional"], result["final"], result["close"]
+    users = len({user for user, _, _ in sent_at})
+    print(f"live: produced           {events} usage events ({events / args.seconds:,.0f}/s) "
+          f"for {users} users x {len(args.services.split(','))} services; finals from "
+          f"{args.finals}" + (f" ({synthetic} records)" if args.finals == "synthetic" else ""))
+    print(f"live: frames received    {result['provisional_frames']} provisional "
+          f"({result['provisional_frames'] / wall:,.0f}/s), "
+          f"{result['frames'] - result['provisional_frames']} final; "
+          f"{result['after_final']} provisional after a final (must be 0); the final "
+          f"count equals the last provisional one and the events produced in "
+          f"{result['agreed']} / {result['windows_final']} windows")
+    print(f"live: event→provisional  p50 {pct(prov, 0.5) * 1000:.0f} ms, "
+          f"p99 {pct(prov, 0.99) * 1000:.0f} ms, max {max(prov or [0]) * 1000:.0f} ms "
+          f"(target p99 ≤ 1,500 ms); {result['uncovered']} events never in a provisional "
+          "frame")
+    built = result["provisional_built"]
+    print(f"  of which event→bridge   p50 {pct(built, 0.5) * 1000:.0f} ms, "
+          f"p99 {pct(built, 0.99) * 1000:.0f} ms (the frame's ts: when the bridge built it)")
+    print(f"live: event→final        p50 {pct(final, 0.5) * 1000:.0f} ms, "
+          f"p99 {pct(final, 0.99) * 1000:.0f} ms; window end→final p50 "
+          f"{pct(close, 0.5) * 1000:.0f} ms, p99 {pct(close, 0.99) * 1000:.0f} ms "
+          f"(lateness {settings.allowed_lateness_seconds} s; {result['windows_final']} / "
+          f"{result['windows']} windows final)")
+    built = result["close_built"]
+    print(f"  of which window end→bridge p50 {pct(built, 0.5) * 1000:.0f} ms, "
+          f"p99 {pct(built, 0.99) * 1000:.0f} ms")
+    print("live: bridge counters    " + ", ".join(
+        f"{name.removeprefix('live_')} {value:,.0f}" for name, value in sorted(counters.items())))
 
 if __name__ == "__main__":
     sys.exit(main())

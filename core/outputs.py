@@ -11,7 +11,7 @@ tests/integration/test_outputs.py holds each declaration against the real tables
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -88,7 +88,7 @@ EVENT_ROWS_OUTPUT = Output(
     JSON_COMPACT_EACH_ROW,
 )
 
-# An `alert_rules` row (pipeline.rows.rule_row); a delete repeats the last version with
+# An `alert_rules` row (rule_row); a delete repeats the last version with
 # is_deleted = 1. schema_version comes last so the older positions stay where they were.
 ALERT_RULES_OUTPUT = Output(
     "alert_rules",
@@ -115,6 +115,28 @@ ALERT_RULES_OUTPUT = Output(
     AlertRule,
     JSON_COMPACT_EACH_ROW,
 )
+
+def rule_row(rule: AlertRule, deleted: bool, updated_ms: int) -> tuple[Any, ...]:
+    """An `alert_rules` row; a delete repeats the rule's last version with is_deleted = 1."""
+    return (
+        rule.rule_id,
+        rule.user_id,
+        rule.name,
+        rule.metric.value,
+        rule.op.value,
+        rule.threshold,
+        rule.service,
+        rule.for_windows,
+        rule.resolve_windows,
+        rule.min_requests,
+        rule.severity.value,
+        rule.enabled,
+        rule.version,
+        int(deleted),
+        updated_ms / 1000,  # seconds: how ClickHouse reads a JSON number as DateTime64
+        rule.schema_version,
+    )
+
 
 # What users do with notifications, and API-key events: written by the API at once and by
 # the pipeline from Kafka (whoever produced them), one copy kept (ReplacingMergeTree).

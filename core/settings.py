@@ -77,6 +77,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # `keypulse pipeline` serves /healthz, /readyz and /metrics on this port (process i of a
+    # cluster: this + i), on `host`; 0: not served.
+    pipeline_http_port: int = Field(9400, ge=0, le=65535)
     ws_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ws_max_connections_per_user: int = Field(20, ge=1)
     # Sockets upgraded but not yet authenticated, in total (beyond: refused at once).

@@ -3,7 +3,8 @@
     events ─▶ key by partition ─▶ process (per partition: dedup, windows, alerts) ─┬▶ sink
     alert.rules ─▶ decode ─▶ broadcast to every partition ─┘                      │
                └▶ alert_rules rows (keyed by rule_id) ──────────────────────────────┤
-    incident signals, populations (keyed by service) ─▶ provider_incident notes ──┘
+    incident signals, populations (keyed by service) ─▶ provider_incident notes ──┤
+    notifications, apikey.events ─▶ decode, check owner ─▶ records to store ───────┘
 
 Items are whole poll batches (`SourceBatch`), so the per-item cost of the dataflow is paid
 once per batch, not once per event.
@@ -20,11 +21,13 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
+from core.outputs import rule_row
+from core.templates import Templates
 from pipeline.alerting.incidents import IncidentConfig, IncidentCounter, IncidentInput
 from pipeline.alerting.rules import InvalidRuleMessage, RuleChange, decode_rule_message
-from pipeline.items import PartitionOutput, RuleUpdates, SourceBatch
+from pipeline.items import PartitionOutput, RuleUpdates, SourceBatch, TopicBatch
 from pipeline.processor import HookFactory, PartitionProcessor, ProcessorConfig
-from pipeline.rows import rule_row
+from pipeline.records import records_output
 from schemas.alerts import AlertRule
 from schemas.notifications import Notification
 
@@ -42,13 +45,18 @@ def build_flow(
     rules: Source[SourceBatch] | None = None,
     hook_factory: HookFactory | None = None,
     incidents: IncidentConfig | None = None,
+    templates: Templates | None = None,
+    records: Source[TopicBatch] | None = None,
     flow_id: str = "keypulse",
 ) -> Dataflow:
     """The keypulse dataflow. `partitions` lists the event topic's partitions, so rule
     changes can be broadcast to each partition's processor. `hook_factory` (alerting)
     turns closed windows into alerts; with it, incident signals from every partition
     meet in one step keyed by service, configured by `incidents` (give the hooks the same
-    one: `AlertingHook.factory(incidents=...)`, since they decide which users are trusted)."""
+    one: `AlertingHook.factory(incidents=...)`, since they decide which users are trusted);
+    `templates` word the provider-incident notifications (default: the packaged registry).
+    `records` (notifications and apikey.events, pipeline/records.py) are checked and stored
+    by the sink's first writer, like rule rows; refused ones are logged and counted."""
     flow = Dataflow(flow_id)
     batches = op.input("events", flow, events)
     keyed = op.key_on("by_partition", batches, lambda batch: str(batch.partition))
@@ -63,6 +71,15 @@ def build_flow(
         )
         rule_rows = op.stateful_map("rule_rows", by_rule, rule_row_mapper)
         extra_outputs.append(op.filter_map("rule_out", rule_rows, _rule_output))
+    if records is not None:
+        skew = config.max_clock_skew_seconds
+
+        def to_store(item: TopicBatch) -> Keyed | None:
+            out = records_output(item, max_skew_seconds=skew)
+            return None if out is None else ("0", out)  # the sink's first writer
+
+        extra_outputs.append(
+            op.filter_map("platform_records", op.input("records", flow, records), to_store))
 
     def builder(resume: bytes | None) -> PartitionProcessor:
         return PartitionProcessor(config, resume, hook_factory)
@@ -79,6 +96,7 @@ def build_flow(
         ) -> tuple[IncidentCounter | None, Notification | None]:
             counter = state if state is not None else IncidentCounter(counter_config)
             counter.config = counter_config  # configuration, not state: the running one
+            counter.templates = templates
             note = counter.on_item(item)
             # A service nobody trusted is active on holds nothing worth keeping: returning
             # None makes Bytewax forget the key, so made-up services leave no state behind.

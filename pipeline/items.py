@@ -8,7 +8,8 @@ if TYPE_CHECKING:  # annotations only: importing alerting here would load it wit
     from pipeline.alerting.incidents import IncidentInput
     from pipeline.alerting.rules import RuleChange
     from schemas.alerts import Alert
-    from schemas.notifications import Notification
+    from schemas.api_keys import ApiKeyEvent
+    from schemas.notifications import Notification, NotificationDelete, NotificationRead
     from schemas.stats import StatsRecord
 
 
@@ -23,6 +24,14 @@ class SourceBatch(NamedTuple):
     records: list[tuple[int, bytes | None, bytes | None]]  # (offset, key, value); None: null
     wall_ms: int
     caught_up: bool
+
+
+class TopicBatch(NamedTuple):
+    """A poll batch of one of several topics read by one input (`KafkaTopicsSource`):
+    `topic` is the unprefixed name (core.topics), which says how to decode the records."""
+
+    topic: str
+    batch: SourceBatch
 
 
 class DeadLetter(NamedTuple):
@@ -64,8 +73,14 @@ class PartitionOutput(NamedTuple):
     alerts: list[Alert]
     notifications: list[Notification]
     signals: list[IncidentInput]  # to the incident step, routed by service
-    rule_rows: list[tuple[Any, ...]]  # alert_rules rows (pipeline.rows.rule_row)
+    rule_rows: list[tuple[Any, ...]]  # alert_rules rows (core.outputs.rule_row)
+    # Records read from `notifications` and `apikey.events` (pipeline.records), whoever
+    # produced them: stored in ClickHouse, never published again (they came from Kafka).
+    stored_notifications: list[Notification]
+    notification_reads: list[NotificationRead]
+    notification_deletes: list[NotificationDelete]
+    api_key_events: list[ApiKeyEvent]
 
     @classmethod
     def empty(cls, partition: int = -1) -> PartitionOutput:
-        return cls(partition, [], [], [], [], [], [], [])
+        return cls(partition, [], [], [], [], [], [], [], [], [], [], [])

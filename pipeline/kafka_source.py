@@ -33,7 +33,7 @@ from confluent_kafka import (
 from core.clock import Clock, system_clock
 from core.errors import ServiceError
 from core.kafka import PREFETCH_SETTINGS
-from pipeline.items import SourceBatch
+from pipeline.items import SourceBatch, TopicBatch
 from pipeline.metrics import PipelineMetrics
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
         partitions: list[int] | None = None,
         stop: threading.Event | None = None,
         metrics: PipelineMetrics | None = None,
+        skip_header: str | None = None,
     ) -> None:
         self.consumer_config = consumer_config
         self.topic = topic
@@ -83,6 +84,9 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
         self._partitions = partitions
         self.stop = stop if stop is not None else threading.Event()
         self.metrics = metrics
+        # Records carrying this header are read past, never handed over (low-volume topics
+        # only: it costs a look at every record's headers).
+        self.skip_header = skip_header
 
     def partitions(self) -> list[int]:
         if self._partitions is None:
@@ -114,6 +118,7 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         self._clock: Callable[[], float] = source.clock
         self._last_emit_ms = 0
         self._wait_ms = 0  # until the next poll, when the last one found nothing
+        self._end_offset = -1  # the log end as the last fetch response said (metrics)
         logger.info(
             "reading %s[%s] from %s",
             source.topic,
@@ -133,6 +138,8 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         self._wait_ms = 0
         if records:
             self.next_offset = records[-1][0] + 1
+            if self.source.skip_header is not None:
+                records = self._without_skipped(messages)
         caught_up = self._caught_up()
         if not records:
             if not caught_up:  # a backlog whose next fetch is on its way: look again soon
@@ -147,6 +154,9 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
         if self.source.metrics is not None:  # per batch, not per event
             self.source.metrics.batch_at[self.partition] = now_ms / 1000
             self.source.metrics.caught_up[self.partition] = caught_up
+            self.source.metrics.offsets[self.partition] = self.next_offset
+            if self._end_offset >= 0:
+                self.source.metrics.end_offsets[self.partition] = self._end_offset
         return [SourceBatch(self.partition, records, now_ms, caught_up)]
 
     def _first_offset(self, topic: str, partition: int) -> int:
@@ -172,6 +182,12 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
                 logger.warning("%s[%s]: %s", self.source.topic, self.partition, error)
         return kept
 
+    def _without_skipped(self, messages: list[Message]) -> list[tuple[int, bytes | None,
+                                                                     bytes | None]]:
+        skip = self.source.skip_header
+        return [(cast("int", m.offset()), m.key(), m.value()) for m in messages
+                if not any(header[0] == skip for header in m.headers() or ())]
+
     def _caught_up(self) -> bool:
         # Fetch responses carry the partition's end offset: until the first one arrives the
         # partition counts as behind (asking the broker blocked start-up 60 ms a partition).
@@ -181,6 +197,7 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
             return False
         if high < 0:
             return False
+        self._end_offset = high
         return bool(self.next_offset >= high if self.next_offset >= 0 else high <= low)
 
     def next_awake(self) -> datetime | None:
@@ -193,3 +210,42 @@ class KafkaBatchPartition(StatefulSourcePartition[SourceBatch, int]):
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class KafkaTopicsSource(FixedPartitionedSource[TopicBatch, int]):
+    """Every partition of several topics as one input: one `KafkaBatchSource` per topic
+    (keyed by its unprefixed name), each partition resumed from its own offset in the
+    snapshots. Parts are named `<name>:<partition>`; items are `TopicBatch(name, batch)`."""
+
+    def __init__(self, sources: dict[str, KafkaBatchSource]) -> None:
+        self.sources = sources
+
+    def list_parts(self) -> list[str]:
+        return [f"{name}:{p}" for name, source in self.sources.items()
+                for p in source.partitions()]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None
+                   ) -> TopicPartitionReader:
+        name, _, partition = for_part.rpartition(":")
+        part = self.sources[name].build_part(step_id, partition, resume_state)
+        return TopicPartitionReader(name, part)
+
+
+class TopicPartitionReader(StatefulSourcePartition[TopicBatch, int]):
+    """A `KafkaBatchPartition` whose batches say which topic they came from."""
+
+    def __init__(self, name: str, part: KafkaBatchPartition) -> None:
+        self.name = name
+        self.part = part
+
+    def next_batch(self) -> list[TopicBatch]:
+        return [TopicBatch(self.name, batch) for batch in self.part.next_batch()]
+
+    def next_awake(self) -> datetime | None:
+        return self.part.next_awake()
+
+    def snapshot(self) -> int:
+        return self.part.snapshot()
+
+    def close(self) -> None:
+        self.part.close()

@@ -11,7 +11,6 @@ from typing import Any
 import msgspec
 
 from core.outputs import ALERT_RULES_OUTPUT, EVENT_ROWS_OUTPUT
-from schemas.alerts import AlertRule
 
 # A `usage_events_rows` row: the validated event's fields in declaration order
 # (msgspec.structs.astuple), then the pipeline's columns. The processor builds it as
@@ -35,25 +34,3 @@ def encode_rows(rows: Iterable[tuple[Any, ...]]) -> bytes:
 
 
 RULE_COLUMNS = ALERT_RULES_OUTPUT.columns
-
-
-def rule_row(rule: AlertRule, deleted: bool, updated_ms: int) -> tuple[Any, ...]:
-    """An `alert_rules` row; a delete repeats the rule's last version with is_deleted = 1."""
-    return (
-        rule.rule_id,
-        rule.user_id,
-        rule.name,
-        rule.metric.value,
-        rule.op.value,
-        rule.threshold,
-        rule.service,
-        rule.for_windows,
-        rule.resolve_windows,
-        rule.min_requests,
-        rule.severity.value,
-        rule.enabled,
-        rule.version,
-        int(deleted),
-        updated_ms / 1000,  # seconds: how ClickHouse reads a JSON number as DateTime64
-        rule.schema_version,
-    )

@@ -28,7 +28,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.errors import BytewaxRuntimeError
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
-from core import topics
+from core import templates, topics
 from core.clickhouse import Migrator, prepare
 from core.clock import Clock, system_clock
 from core.errors import ServiceError
@@ -36,12 +36,15 @@ from core.kafka import consumer_config, producer_config
 from core.settings import Settings
 from pipeline.alerting.hook import AlertingHook
 from pipeline.flow import build_flow
-from pipeline.kafka_source import KafkaBatchSource, list_partitions
+from pipeline.kafka_source import KafkaBatchSource, KafkaTopicsSource, list_partitions
 from pipeline.metrics import METRICS, PipelineMetrics
 from pipeline.processor import ProcessorConfig
-from pipeline.sinks import OutputSink
+from pipeline.records import TOPICS as RECORD_TOPICS
+from pipeline.sinks import STORED_HEADER, OutputSink
 
 logger = logging.getLogger(__name__)
+
+RECORDS_TICK_MS = 60_000  # the records input needs no idle ticks (no windows to close)
 
 
 def processor_config(settings: Settings, partitions: int | None = None) -> ProcessorConfig:
@@ -71,7 +74,9 @@ def kafka_flow(
 ) -> Dataflow:
     """The production dataflow: Kafka in, ClickHouse and Kafka out. Process 0 applies
     `migrate` (the CLI passes `infra.clickhouse.migrate.migrate`) before its first write.
-    Setting `stop` ends every source partition after its current batch."""
+    Setting `stop` ends every source partition after its current batch. The notification
+    templates are loaded (and checked: `ConfigError`) here, once."""
+    registry = templates.load(settings.notification_templates_file)  # ConfigError: at start
     stop = stop if stop is not None else threading.Event()
     consumer = consumer_config(settings, group_id="keypulse-pipeline")
     events_topic = settings.topic(topics.USAGE_EVENTS)
@@ -82,6 +87,12 @@ def kafka_flow(
     rules = KafkaBatchSource(
         consumer, rules_topic, partitions=list_partitions(consumer, rules_topic), stop=stop
     )
+    records = KafkaTopicsSource({name: KafkaBatchSource(
+        consumer, settings.topic(name), partitions=list_partitions(consumer, settings.topic(name)),
+        stop=stop, tick_ms=RECORDS_TICK_MS,
+        # The sink's own notifications are in ClickHouse before they are published.
+        skip_header=STORED_HEADER if name == topics.NOTIFICATIONS else None,
+    ) for name in RECORD_TOPICS})
     sink = OutputSink(
         client_factory=lambda: prepare(settings, migrate if process_id == 0 else None).result(),
         producer_config=producer_config(settings),
@@ -97,7 +108,10 @@ def kafka_flow(
         processor_config(settings, len(partitions)),
         partitions=partitions,
         rules=rules if alerts else None,
-        hook_factory=AlertingHook.factory(settings.state_idle_seconds) if alerts else None,
+        hook_factory=AlertingHook.factory(settings.state_idle_seconds, templates=registry)
+        if alerts else None,
+        templates=registry,
+        records=records,
         flow_id="keypulse",
     )
 

@@ -6,6 +6,11 @@ before as delivered, so `snapshot()` flushes: event rows are buffered up to `max
 the last snapshot; ReplacingMergeTree keys make the replayed rows replace their twins, and
 Kafka outputs carry deterministic ids (alert_id, notification_id, window key).
 
+Records read from `notifications` and `apikey.events` (pipeline/records.py: notifications,
+read-state changes, deletions, API-key events, whoever produced them) are only stored, never
+published again, batched like alerts. The notifications the sink publishes itself carry
+`STORED_HEADER`: they are in ClickHouse already, and the records input reads past them.
+
 With the embedded ClickHouse only one process may open the database, so there is one sink
 partition and Bytewax routes every output to the worker that owns it; with a server DSN
 there is one partition per worker and all of them write.
@@ -45,7 +50,10 @@ from core.clock import to_ms
 from core.outputs import (
     ALERT_RULES_OUTPUT,
     ALERTS_OUTPUT,
+    API_KEY_EVENTS_OUTPUT,
     EVENT_ROWS_OUTPUT,
+    NOTIFICATION_DELETES_OUTPUT,
+    NOTIFICATION_READS_OUTPUT,
     NOTIFICATIONS_OUTPUT,
     ONE_THREAD,
     USAGE_STATS_OUTPUT,
@@ -69,6 +77,11 @@ from pipeline.windows import NO_WINDOW
 logger = logging.getLogger(__name__)
 
 _encoder = msgspec.json.Encoder()
+
+STORED_HEADER = "keypulse.stored"
+"""On a notification the sink publishes: it is in ClickHouse already, so the records input
+(pipeline/records.py) reads past it instead of inserting the same row again."""
+_STORED: Headers = [(STORED_HEADER, b"1")]
 
 
 class OutputSink(FixedPartitionedSink[PartitionOutput, rollups.PendingState | None]):
@@ -136,6 +149,9 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, rollups.PendingStat
         self.alerts: list[Any] = []
         self.notifications: list[Any] = []
         self.alerts_buffered = 0.0
+        # Records read from notifications / apikey.events: stored, not published again.
+        self.records: dict[Output, list[Any]] = {}
+        self.records_buffered = 0.0
         self.source_topic = sink.topic_name(topics.USAGE_EVENTS)
         self.dlq = DeadLetterWriter(
             self.producer, sink.topic_name(topics.USAGE_EVENTS_DLQ), sink.metrics,
@@ -170,6 +186,9 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, rollups.PendingStat
             for dead in out.dead_letters:
                 self.dlq.write(dead.key, dead.value,
                                   dead_letter_headers(dead, self.source_topic))
+            if (out.stored_notifications or out.notification_reads or out.notification_deletes
+                    or out.api_key_events):
+                self._buffer_records(out)
         if stats:
             # The events of closing windows go first. Live, the buffer holds the last half
             # second, all of it in later windows: then the stats go ahead of it.
@@ -189,6 +208,8 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, rollups.PendingStat
             time.monotonic() - self.alerts_buffered >= self.sink.max_age_s
         ):
             self._submit_alerts()
+        if self.records and time.monotonic() - self.records_buffered >= self.sink.max_age_s:
+            self._submit_records()
         if rule_rows:
             self.jobs.put(lambda: self._insert_rules(rule_rows))
         if time.monotonic() - self.rollups_polled >= self.rollup_intervals[0]:
@@ -260,25 +281,30 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, rollups.PendingStat
         started = time.perf_counter()
         error = self._insert(EVENT_ROWS_OUTPUT, data, count)
         if error is None:
-            self.metrics.record_insert(count, 0, time.perf_counter() - started)
+            self.metrics.record_insert(count, 0, time.perf_counter() - started, events=data)
         else:
             rows = [msgspec.json.decode(line) for line in data.splitlines() if line]
             self._dead_letter_rows(EVENT_ROWS_OUTPUT, rows, error)
 
-    def _write_records(self, output: Output, records: list[Any]) -> None:
+    def _write_records(self, output: Output, records: list[Any], *, publish: bool = True
+                       ) -> None:
         """Stats, alerts or notifications as the JSON also published on Kafka (one encoding,
-        parsed in C++), published only once queryable in ClickHouse."""
+        parsed in C++), published only once queryable in ClickHouse. Records read from Kafka
+        (`publish=False`) are only stored."""
         started = time.perf_counter()
         encoded = [_encoder.encode(record) for record in records]
         error = self._insert(output, b"\n".join(encoded), len(records))
         if error is not None:
             self._dead_letter_records(output, records, encoded, error)
             return
+        if not publish:
+            return
         if output is USAGE_STATS_OUTPUT:
             self.metrics.record_insert(0, len(records), time.perf_counter() - started)
         topic = self.sink.topic_name(output.topic)
+        headers = _STORED if output is NOTIFICATIONS_OUTPUT else None
         for record, value in zip(records, encoded, strict=True):
-            self._publish(topic, record.user_id.encode(), value)
+            self._publish(topic, record.user_id.encode(), value, headers)
         if output is USAGE_STATS_OUTPUT:
             self.rollups.mark(rollups.minutes_of(record.window_start for record in records))
             self._refresh_rollups()
@@ -325,6 +351,10 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, rollups.PendingStat
             self._write_records(ALERTS_OUTPUT, alerts)
         if notifications:
             self._write_records(NOTIFICATIONS_OUTPUT, notifications)
+
+    def _store_records(self, records: dict[Output, list[Any]]) -> None:
+        for output, batch in records.items():
+            self._write_records(output, batch, publish=False)
 
     def _dead_letter_records(
         self, output: Output, records: list[Any], encoded: list[bytes], error: str
@@ -381,9 +411,26 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, rollups.PendingStat
         if alerts or notifications:
             self.jobs.put(lambda: self._write_alerts(alerts, notifications))
 
+    def _buffer_records(self, out: PartitionOutput) -> None:
+        """Low volume, so batched up to `max_age_s` like alerts: one insert per table."""
+        if not self.records:
+            self.records_buffered = time.monotonic()
+        for output, batch in ((NOTIFICATIONS_OUTPUT, out.stored_notifications),
+                              (NOTIFICATION_READS_OUTPUT, out.notification_reads),
+                              (NOTIFICATION_DELETES_OUTPUT, out.notification_deletes),
+                              (API_KEY_EVENTS_OUTPUT, out.api_key_events)):
+            if batch:
+                self.records.setdefault(output, []).extend(batch)
+
+    def _submit_records(self) -> None:
+        records, self.records = self.records, {}
+        if records:
+            self.jobs.put(lambda: self._store_records(records))
+
     def _drain(self, final: bool = False) -> None:
         self._submit_rows()
         self._submit_alerts()
+        self._submit_records()
         # The levels whose turn it is; at a clean stop, every bucket waiting.
         self.jobs.put(lambda: self._refresh_rollups(force=final))
         self.jobs.join()
@@ -400,11 +447,12 @@ class OutputPartition(StatefulSinkPartition[PartitionOutput, rollups.PendingStat
 
     # -- Kafka (either thread: the producer is thread-safe) -----------------------------------
 
-    def _publish(self, topic: str, key: bytes, value: bytes) -> None:
+    def _publish(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None
+                 ) -> None:
         """An output record; one the producer refuses goes to the DLQ (reason `publish_error`)."""
         while True:
             try:
-                self.producer.produce(topic, value, key)
+                self.producer.produce(topic, value, key, headers=headers)
                 return
             except BufferError:  # the local queue is full: wait for deliveries, never drop
                 self.producer.poll(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
@@ -117,3 +118,43 @@ def default_rules() -> tuple[AlertRule, ...]:
             threshold=4.0, severity=Severity.INFO,
         ),
     )
+
+
+def instance_id(template_id: str, user_id: str) -> str:
+    """The id a template (`user_id` "*") has for one user: `default:*:x` → `default:bob:x`;
+    an id without `:*:` gets `:{user_id}` appended."""
+    marker = f":{GLOBAL_USER}:"
+    if marker in template_id:
+        return template_id.replace(marker, f":{user_id}:", 1)
+    return f"{template_id}:{user_id}"
+
+
+def template_instances(user_id: str, own: Mapping[str, AlertRule], templates: Iterable[AlertRule]
+                       ) -> Iterator[tuple[AlertRule, tuple[str, ...]]]:
+    """Each template as it applies to `user_id` with the user's rules `own` (by id): its
+    instance, and the ids of the user's rules that take its place (empty: it applies).
+
+    A user's rule replaces a template when its id is the template's instance id (how a user
+    edits or disables a default; deleting it brings the default back), or when it has the
+    template's metric and no service filter; enabled or not. The pipeline (RuleBook) and the
+    API (GET /v1/alert-rules) both read this, so the list shows what is evaluated."""
+    unfiltered: dict[Metric, list[str]] = {}
+    for rule in own.values():
+        if rule.service is None:
+            unfiltered.setdefault(rule.metric, []).append(rule.rule_id)
+    for template in templates:
+        rule_id = instance_id(template.rule_id, user_id)
+        by_metric = [other for other in unfiltered.get(template.metric, ()) if other != rule_id]
+        replaced_by = (rule_id, *by_metric) if rule_id in own else tuple(by_metric)
+        yield msgspec.structs.replace(template, rule_id=rule_id, user_id=user_id), replaced_by
+
+
+def effective_rules(user_id: str, own: Mapping[str, AlertRule], templates: Iterable[AlertRule]
+                    ) -> list[AlertRule]:
+    """The rules in force for `user_id` (disabled ones included): their own, then the
+    templates no rule of theirs replaces (`template_instances`)."""
+    rules = list(own.values())
+    if user_id != GLOBAL_USER:
+        rules += [rule for rule, replaced_by in template_instances(user_id, own, templates)
+                  if not replaced_by]
+    return rules

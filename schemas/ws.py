@@ -2,25 +2,28 @@
 
 Every frame is a JSON object ``{"event": NAME, "data": {...}}``. Server frames also carry
 ``"ts"`` (epoch milliseconds when the bridge built the frame) and ``"seq"`` (1, 2, 3… per
-connection); alert and notification frames also carry ``"cursor"``, an opaque resume token.
+connection); alert, notification and API-key frames (CURSOR_EVENTS) also carry ``"cursor"``,
+an opaque resume token.
 
     client → server                         server → client
     authenticate {token, resume_from?}      authenticated {user_id, roles, connection_id, cursor}
     subscribe / unsubscribe {channels}      subscribed {channels}
     track_usage {usage event}               error {code, message}
-    mark_notification_read {id, read}       usage_stats_update {stats record}
+    mark_notification_read {id, read}       usage_stats_update {stats record, final}
     subscribe_monitoring {} (admin)         usage_alert {alert}               (+cursor)
     api_key_created|updated|deleted         usage_event {usage event}         (channel activity)
         {api_key_id, service, name}         new_notification {notification}  (+cursor)
     ping {nonce?}                           notification_read {id, read, …}   (+cursor)
+                                            notification_deleted {id, user_id, at} (+cursor)
                                             system_notification {notification}
                                             api_key_update {action, api_key_id, service, name,
-                                                            event_id, declared_by}
+                                                            event_id, declared_by} (+cursor)
                                             system_stats {…}                  (admins)
                                             resync_required {reason, cursor}
                                             pong {nonce?}
 
-`subscribed`, `notification_read` and `resync_required` extend DESIGN §7 (docs/websocket.md).
+`subscribed`, `notification_read`, `notification_deleted` and `resync_required` extend
+DESIGN §7 (docs/websocket.md).
 The `apikey.events` message (`ApiKeyEvent`) is in schemas/api_keys.py.
 """
 
@@ -36,8 +39,9 @@ import msgspec
 from schemas.alerts import Alert
 from schemas.api_keys import ApiKeyAction, DeclaredBy, Id, ServiceName
 from schemas.events import UsageEvent
-from schemas.notifications import Notification, NotificationRead
+from schemas.notifications import Notification, NotificationDelete, NotificationRead
 from schemas.stats import StatsRecord
+from schemas.system import SystemSnapshot
 
 MAX_FRAME_BYTES = 64 * 1024
 MAX_NESTING = 32  # arrays/objects inside each other in one client frame
@@ -165,6 +169,22 @@ class ApiKeyUpdate(msgspec.Struct, kw_only=True, frozen=True):
     declared_by: DeclaredBy = DeclaredBy.CLIENT
 
 
+class StatsUpdate(StatsRecord, kw_only=True, frozen=True):
+    """`usage_stats_update` (DESIGN §9): a window's stats record, final or provisional.
+
+    `final` true: the pipeline's record from `usage.stats`, exact, replacing any provisional
+    one of the same (service, window_start). `final` false: the live tier's figures of a
+    window still open, from the events this bridge has seen so far (docs/websocket.md, "Live
+    tier"); they may differ from the final ones (events before the socket connected, late or
+    duplicate events beyond its bounds). `as_of` is the newest event time counted and
+    `deduplicated` false says some events could not be checked for duplicates.
+    """
+
+    final: bool = True
+    as_of: datetime | None = None
+    deduplicated: bool = True
+
+
 class ResyncReason(StrEnum):
     """Why a resume could not be honoured (`resync_required.reason`)."""
 
@@ -187,40 +207,24 @@ class Pong(msgspec.Struct, kw_only=True, frozen=True):
     nonce: str | None = None
 
 
-class ConsumerStats(msgspec.Struct, kw_only=True, frozen=True):
-    lag: int  # messages behind the log end, summed over assigned partitions (-1: unknown)
-    messages_per_s: float
-    skipped_per_s: float  # messages for users with no connection here, never decoded
-
-
-class SystemStats(msgspec.Struct, kw_only=True, frozen=True):
-    cpu_percent: float
-    memory_rss_bytes: int
-    memory_percent: float
-    uptime_s: float
-    connections: int
-    users: int
-    connections_per_user: dict[str, int]  # the busiest users (top 100)
-    frames_out_per_s: float
-    consumer: ConsumerStats
-
-
 SERVER_EVENTS: dict[str, type[Any]] = {
     "authenticated": Authenticated,
     "subscribed": Subscribed,
     "error": Error,
-    "usage_stats_update": StatsRecord,
+    "usage_stats_update": StatsUpdate,
     "usage_alert": Alert,
     "usage_event": UsageEvent,
     "new_notification": Notification,
     "notification_read": NotificationRead,
+    "notification_deleted": NotificationDelete,
     "system_notification": Notification,
     "api_key_update": ApiKeyUpdate,
-    "system_stats": SystemStats,
+    "system_stats": SystemSnapshot,  # schemas/system.py, as GET /v1/admin/system
     "resync_required": ResyncRequired,
     "pong": Pong,
 }
-CURSOR_EVENTS = frozenset({"usage_alert", "new_notification", "notification_read"})
+CURSOR_EVENTS = frozenset({"usage_alert", "new_notification", "notification_read",
+                           "notification_deleted", "api_key_update"})
 
 
 class ServerFrame(msgspec.Struct, frozen=True):

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 class BridgeApp:
-    """The bridge alone as a bare ASGI app: lifespan, `path` (WebSocket), 404 otherwise."""
+    """The bridge alone as a bare ASGI app: lifespan, `path` (WebSocket), plain HTTP to
+    `Bridge.serve_http` (`/healthz`, `/readyz`, `/metrics`; 404 otherwise)."""
 
     def __init__(self, bridge: Bridge, path: str) -> None:
         self.bridge = bridge
@@ -37,10 +38,7 @@ class BridgeApp:
             else:
                 await send({"type": "websocket.close", "code": 1000})  # HTTP 403
         elif kind == "http":
-            await send({"type": "http.response.start", "status": 404,
-                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                    (b"content-length", b"9")]})
-            await send({"type": "http.response.body", "body": b"not found"})
+            await self.bridge.serve_http(scope, receive, send)  # /healthz /readyz /metrics
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 

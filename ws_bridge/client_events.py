@@ -5,6 +5,11 @@ earns an `error` frame with a code (schemas.ws.ErrorCode) and the connection car
 Handlers never await: producing to Kafka only queues the message in librdkafka.
 Re-sending `authenticate` swaps the token: same user only, and the roles are the new
 token's (monitoring stops when the admin role is gone).
+
+`api_key_created|updated|deleted` are the user's own client declaring what it did: the
+`apikey.events` message is marked `declared_by` "client" (the key-management backend's word
+comes over HTTP, `POST /v1/api-keys/events`, marked "service"), and its notification is the
+template registry's `api_key_<action>`, id `apikey:<event_id>`, `data.declared_by` "client".
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from core.auth import ADMIN_ROLE, AuthError, verify_token
 from core.clock import Clock
 from core.secrets import find_secret
 from core.settings import Settings
+from core.templates import Templates
 from core.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_EVENTS
-from schemas.api_keys import ApiKeyAction, ApiKeyEvent
+from schemas.api_keys import ApiKeyAction, ApiKeyEvent, DeclaredBy, notification_id
 from schemas.events import InvalidEvent, decode_event, encode_event
-from schemas.notifications import Notification, NotificationRead, NotificationType
+from schemas.notifications import NotificationRead
 from schemas.ws import (
     ApiKeyChange,
     Authenticate,
@@ -53,7 +59,7 @@ _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {
     for kind in (Authenticate, Subscribe, MarkNotificationRead, Ping, ApiKeyChange)
 }
 _APIKEY_FIELDS = frozenset(ApiKeyChange.__struct_fields__)
-_APIKEY_ACTIONS = {
+_APIKEY_ACTIONS = {  # no `rotated`: only the key-management backend rotates a key
     "api_key_created": ApiKeyAction.CREATED,
     "api_key_updated": ApiKeyAction.UPDATED,
     "api_key_deleted": ApiKeyAction.DELETED,
@@ -71,10 +77,11 @@ class ClientError(Exception):
 
 class ClientEvents:
     def __init__(self, settings: Settings, registry: Registry, stats: BridgeStats,
-                 sink: Sink | None, clock: Clock, *,
+                 sink: Sink | None, clock: Clock, *, templates: Templates,
                  reauthenticated: Callable[[Connection, float], str],
                  monitoring_frame: Callable[[], str]) -> None:
         self.settings = settings
+        self.templates = templates
         self.registry = registry
         self.stats = stats
         self.sink = sink
@@ -197,18 +204,16 @@ class ClientEvents:
         data: ApiKeyChange = _decode(ApiKeyChange, raw)
         action = _APIKEY_ACTIONS[event]
         now = utc_now(self.clock)
+        event_id = str(uuid.uuid4())
         change = ApiKeyEvent(action=action, user_id=conn.user_id, api_key_id=data.api_key_id,
-                             service=data.service, name=data.name, at=now)
-        note = Notification(
-            notification_id=uuid.uuid4().hex, user_id=conn.user_id,
-            type=NotificationType.WARNING if action is ApiKeyAction.DELETED
-            else NotificationType.SUCCESS,
-            template=f"api_key_{action.value}",
-            title=f"API key {action.value}",
-            message=f"Your {data.service} key {data.name or data.api_key_id} was {action.value}.",
-            created_at=now,
-            data={"api_key_id": data.api_key_id, "service": data.service, "name": data.name},
-        )
+                             service=data.service, name=data.name, at=now, event_id=event_id,
+                             declared_by=DeclaredBy.CLIENT)
+        note = self.templates.notification(
+            f"api_key_{action.value}", notification_id=notification_id(event_id),
+            user_id=conn.user_id, created_at=now,
+            fields={"api_key_id": data.api_key_id, "service": data.service,
+                    "name": data.name or data.api_key_id,
+                    "declared_by": DeclaredBy.CLIENT.value})
         self._produce(self.apikey_topic, conn.key, _encoder.encode(change))
         self._produce(self.notifications_topic, conn.key, _encoder.encode(note))
 

@@ -13,7 +13,8 @@ flushes its connection at once, broadcast first, so order is kept. The queue is 
   latest frame for that key wins, so a slow client sees fewer, fresher updates;
 - activity (`usage_event`) frames are dropped past half the bound;
 - alerts, notifications, api-key and system frames are never dropped: past the bound the
-  socket closes with 4008 and the client resumes from its last cursor;
+  socket closes with 4008 and the client resumes from its last cursor (alerts,
+  notifications and api-key updates carry one: `offer_cursor`);
 - replies (errors, pongs) are dropped past the bound: the client is not reading anyway.
 
 `seq` is assigned when a frame is handed to the writer, so it has no gaps whatever was
@@ -31,6 +32,7 @@ from starlette.websockets import WebSocket
 
 from core.limits import TokenBucket
 from ws_bridge import cursor
+from ws_bridge.cursor import Cursor
 from ws_bridge.stats import BridgeStats
 from ws_bridge.transport import FrameWriter, writer_for
 
@@ -53,8 +55,8 @@ CHANNEL_BITS = {
 }
 DEFAULT_CHANNELS = STATS | ALERTS | NOTIFICATIONS | API_KEYS
 
-# Cursor topics.
-CURSOR_ALERTS, CURSOR_NOTIFICATIONS = 1, 2
+# Cursor topics: the topics whose frames carry a resume cursor (ws_bridge.cursor).
+CURSOR_ALERTS, CURSOR_NOTIFICATIONS, CURSOR_API_KEYS = 1, 2, 3
 
 
 class State(enum.IntEnum):
@@ -85,9 +87,11 @@ class Connection:
         "max_queue",
         "monitoring",
         "part_a",
+        "part_k",
         "part_n",
         "pending_stats",
         "pos_a",
+        "pos_k",
         "pos_n",
         "queue",
         "roles",
@@ -137,8 +141,8 @@ class Connection:
         self.error_budget_at = 0.0
         self.stats = stats
         # resume position: next offset per cursor topic (set by the registry at add time)
-        self.part_a = self.part_n = 0
-        self.pos_a = self.pos_n = 0
+        self.part_a = self.part_n = self.part_k = 0
+        self.pos_a = self.pos_n = self.pos_k = 0
 
     # -- offers (never await, never raise) -----------------------------------------
 
@@ -162,24 +166,30 @@ class Connection:
             self.flush()
 
     def offer_cursor(self, prefix: str, topic: int, offset: int) -> None:
-        """An alert or notification: skipped if before this connection's position, else
-        delivered with the cursor just past it."""
+        """An alert, notification or API-key update: skipped if before this connection's
+        position, else delivered with the cursor just past it."""
         if topic == CURSOR_ALERTS:
             if offset < self.pos_a:
                 return
             self.pos_a = offset + 1
-        else:
+        elif topic == CURSOR_NOTIFICATIONS:
             if offset < self.pos_n:
                 return
             self.pos_n = offset + 1
+        else:
+            if offset < self.pos_k:
+                return
+            self.pos_k = offset + 1
         self.offer_must(f'{prefix}"cursor":"{self.cursor()}",')
 
     def offer_cursor_skip(self, topic: int, offset: int) -> None:
         """Move past a message this connection must not get (its own read-state echo)."""
         if topic == CURSOR_ALERTS:
             self.pos_a = max(self.pos_a, offset + 1)
-        else:
+        elif topic == CURSOR_NOTIFICATIONS:
             self.pos_n = max(self.pos_n, offset + 1)
+        else:
+            self.pos_k = max(self.pos_k, offset + 1)
 
     def offer_stats(self, prefix: str, key: tuple[str, int]) -> None:
         """A stats update: replaces a queued update of the same (service, window)."""
@@ -222,7 +232,36 @@ class Connection:
             self.stats.activity_dropped += 1
 
     def cursor(self) -> str:
-        return cursor.encode(self.part_a, self.pos_a, self.part_n, self.pos_n)
+        return cursor.encode(self.part_a, self.pos_a, self.part_n, self.pos_n, self.part_k,
+                             self.pos_k)
+
+    # -- resume position (the session's) ---------------------------------------------
+
+    def position(self) -> Cursor:
+        """Where the live stream stands now (after registering: the resume baseline)."""
+        return Cursor(self.part_a, self.pos_a, self.part_n, self.pos_n, self.part_k,
+                             self.pos_k)
+
+    def resume_from(self, start: Cursor) -> Cursor | None:
+        """Raise the live floor to `start` and return it, complete (a version-1 cursor
+        takes API-key updates from the current position: it never promised them); None if
+        its partitions are not this connection's (the topics were repartitioned)."""
+        if not start.has_api_keys:
+            start = Cursor(start.alerts_partition, start.alerts_offset,
+                                  start.notifications_partition, start.notifications_offset,
+                                  self.part_k, self.pos_k)
+        if start.partitions() != (self.part_a, self.part_n, self.part_k):
+            return None
+        self.pos_a = max(self.pos_a, start.alerts_offset)
+        self.pos_n = max(self.pos_n, start.notifications_offset)
+        self.pos_k = max(self.pos_k, start.api_keys_offset)
+        return start
+
+    def rewind(self, baseline: Cursor) -> None:
+        """Back to `baseline` (a resume that failed: the client resyncs from there)."""
+        self.pos_a = max(baseline.alerts_offset, 0)
+        self.pos_n = max(baseline.notifications_offset, 0)
+        self.pos_k = max(baseline.api_keys_offset, 0)
 
     # -- writing --------------------------------------------------------------------
 

@@ -6,6 +6,10 @@ log end. Per batch, under the registry lock, the thread advances its positions a
 only messages whose key (the user_id) has an open connection here; `activity` messages
 only for users who subscribed to it. Kept messages are decoded and encoded off the loop
 (`Router.prepare`) and handed over with one `call_soon_threadsafe` per batch.
+
+The live tier (ws_bridge/live.py) is fed here too, on this thread: `usage.events` messages of
+users with a `stats` subscriber are folded into its windows, and each final stats record is
+reported to it before its frame is dispatched.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
 
 from core.kafka import consumer_config
 from core.settings import Settings
+from ws_bridge.live import LiveTier
 from ws_bridge.registry import Registry
 from ws_bridge.router import BROADCAST_KEY, Kind, Routed, Router, origin_of
 from ws_bridge.stats import BridgeStats
@@ -36,8 +41,10 @@ class KafkaFeed:
     """Consumes the bridge's topics in a daemon thread; `start(loop)` / `stop()`."""
 
     def __init__(self, settings: Settings, registry: Registry, router: Router,
-                 stats: BridgeStats, *, batch_size: int = 2000, poll_timeout: float = 0.1) -> None:
+                 stats: BridgeStats, *, batch_size: int = 2000, poll_timeout: float = 0.1,
+                 live: LiveTier | None = None) -> None:
         self.settings = settings
+        self.live = live
         self.registry = registry
         self.router = router
         self.stats = stats
@@ -139,6 +146,7 @@ class KafkaFeed:
         kinds = self.router.kinds
         registry = self.registry
         positions = registry.positions
+        live = self.live
         next_refresh = 0.0
         while not self._stop.is_set():
             if len(self._assigned) < len(kinds):
@@ -159,10 +167,12 @@ class KafkaFeed:
             if not messages:
                 continue
             kept: list[tuple[Kind, Any]] = []
+            watched: list[tuple[bytes, bytes]] = []  # usage events for the live tier
             skipped = 0
             with registry.lock:
                 user_keys = registry.user_keys
                 activity_keys = registry.activity_keys
+                stats_keys = registry.stats_keys if live is not None else ()
                 for msg in messages:
                     error = msg.error()
                     if error is not None:
@@ -174,7 +184,11 @@ class KafkaFeed:
                     key = msg.key()
                     kind = kinds[topic]
                     if kind is Kind.ACTIVITY:
-                        if key in activity_keys:
+                        if key in stats_keys:
+                            watched.append((key, msg.value() or b""))  # type: ignore[arg-type]
+                            if key in activity_keys:
+                                kept.append((kind, msg))
+                        elif key in activity_keys:
                             kept.append((kind, msg))
                         else:
                             skipped += 1
@@ -184,9 +198,13 @@ class KafkaFeed:
                         skipped += 1
             self.stats.messages_in += len(messages)
             self.stats.messages_skipped += skipped
+            if watched:
+                assert live is not None
+                live.fold(watched)
             if not kept:
                 continue
             batch: list[Routed] = []
+            finals: list[tuple[str, str, int]] = []
             for kind, msg in kept:
                 origin = origin_of(msg) if kind is Kind.NOTIFICATIONS else None
                 routed = self.router.prepare(kind, msg.key() or b"", msg.value() or b"",
@@ -194,6 +212,10 @@ class KafkaFeed:
                                              timestamp=msg.timestamp()[1])
                 if routed is not None:
                     batch.append(routed)
+                    if kind is Kind.STATS:
+                        finals.append((routed.user_id, *routed.coalesce))
+            if finals and live is not None:
+                live.finalize(finals)  # before the final frames are dispatched
             if batch:
                 try:
                     loop.call_soon_threadsafe(self.router.dispatch, batch)

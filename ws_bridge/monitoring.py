@@ -1,8 +1,12 @@
 """`system_stats` for admins who sent `subscribe_monitoring`, every few seconds (only while
 the connection's current token has the admin role).
 
-CPU, memory and uptime come from psutil; connection counts from the registry; consumer
-lag and throughput from the bridge counters (rates over the last interval).
+The frame carries the system snapshot (schemas/system.py) that `GET /v1/admin/system`
+answers, built by the same builder (core.system.SYSTEM): connections and the bridge's
+counters come from the `ws` provider the bridge registers, the rest as the builder finds it
+in this process (`keypulse ws` has no ClickHouse: that section is null, with its reason).
+What blocks (ClickHouse, Kafka's log ends) is measured in a worker thread before each
+round, never on the event loop; the frame itself uses the figures measured last.
 """
 
 from __future__ import annotations
@@ -10,32 +14,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-
-import psutil
 
 from core.auth import ADMIN_ROLE
 from core.clock import Clock
-from schemas.ws import ConsumerStats, SystemStats, frame_prefix
+from core.settings import Settings
+from core.system import NOT_MEASURED, SYSTEM, SystemSnapshots
+from schemas.system import SystemSnapshot
+from schemas.ws import frame_prefix
 from ws_bridge.registry import Registry
-from ws_bridge.stats import BridgeStats
 
 logger = logging.getLogger(__name__)
 
 
 class Monitor:
-    def __init__(self, registry: Registry, stats: BridgeStats, clock: Clock, *,
-                 interval: float = 5.0) -> None:
+    def __init__(self, settings: Settings, registry: Registry, clock: Clock, *,
+                 interval: float = 5.0, snapshots: SystemSnapshots = SYSTEM) -> None:
+        self.settings = settings
         self.registry = registry
-        self.stats = stats
         self.clock = clock
         self.interval = interval
-        self.started = time.monotonic()
-        self.process = psutil.Process()
-        self.process.cpu_percent(None)
-        self._last = (time.monotonic(), 0, 0, 0)
-        self._rates = (0.0, 0.0, 0.0)
+        self.snapshots = snapshots
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # a frame went out without figures: measure them now
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ws-monitor")
@@ -47,47 +47,36 @@ class Monitor:
                 await self._task
             self._task = None
 
-    def snapshot(self) -> SystemStats:
-        memory = self.process.memory_info()
-        return SystemStats(
-            cpu_percent=self.process.cpu_percent(None),
-            memory_rss_bytes=memory.rss,
-            memory_percent=round(self.process.memory_percent(), 3),
-            uptime_s=round(time.monotonic() - self.started, 3),
-            connections=self.registry.total,
-            users=self.registry.users(),
-            connections_per_user=self.registry.top_users(),
-            frames_out_per_s=self._rates[2],
-            consumer=ConsumerStats(lag=self.stats.consumer_lag, messages_per_s=self._rates[0],
-                                   skipped_per_s=self._rates[1]),
-        )
+    def snapshot(self) -> SystemSnapshot:
+        """Now, without waiting on ClickHouse or Kafka (their last measured figures)."""
+        return self.snapshots.snapshot(self.settings, now=self.clock(), block=False)
 
     def frame(self) -> str:
-        return frame_prefix("system_stats", self.snapshot(), int(self.clock() * 1000))
-
-    def _update_rates(self) -> None:
-        now = time.monotonic()
-        then, msgs, skipped, frames = self._last
-        span = max(now - then, 1e-6)
-        s = self.stats
-        self._rates = (round((s.messages_in - msgs) / span, 1),
-                       round((s.messages_skipped - skipped) / span, 1),
-                       round((s.frames_out - frames) / span, 1))
-        self._last = (now, s.messages_in, s.messages_skipped, s.frames_out)
+        snapshot = self.snapshot()
+        if NOT_MEASURED in snapshot.unavailable.values():
+            self._wake.set()
+        return frame_prefix("system_stats", snapshot, int(self.clock() * 1000))
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.interval)
-            self._update_rates()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
             # the role again: a re-authentication without it also leaves `monitors`
             monitors = [c for c in self.registry.monitors
                         if c.close_code is None and ADMIN_ROLE in c.roles]
             if not monitors:
                 continue
             try:
+                await loop.run_in_executor(None, self._refresh)
                 frame = self.frame()
             except Exception:
                 logger.exception("system_stats failed")
                 continue
             for conn in monitors:
-                conn.offer_control(frame)
+                if conn.close_code is None and ADMIN_ROLE in conn.roles:
+                    conn.offer_control(frame)
+
+    def _refresh(self) -> None:
+        self.snapshots.refresh(self.settings, stale_only=True)

@@ -1,7 +1,8 @@
 """Who is connected: connections by user, and the key sets the Kafka thread filters with.
 
-The event loop owns the registry; the Kafka thread only reads `user_keys`/`activity_keys`
-and writes `positions` (the next offset it will examine per partition), both under `lock`.
+The event loop owns the registry; the Kafka thread only reads the key sets (`user_keys`,
+`activity_keys`, `stats_keys`) and writes `positions` (the next offset it will examine per
+partition), both under `lock`.
 Taking the lock when a connection registers makes its starting position exact: every
 message at or past it is examined after the user's key is in the set, so it is routed live;
 every message before it is covered by resume replay.
@@ -13,18 +14,21 @@ import threading
 from collections.abc import Iterator
 
 from core.kafka import partition_for
-from ws_bridge.connection import ACTIVITY, Connection
+from ws_bridge.connection import ACTIVITY, STATS, Connection
 
 
 class Registry:
-    def __init__(self, *, max_per_user: int, alerts_topic: str, notifications_topic: str) -> None:
+    def __init__(self, *, max_per_user: int, alerts_topic: str, notifications_topic: str,
+                 apikeys_topic: str) -> None:
         self.max_per_user = max_per_user
         self.alerts_topic = alerts_topic
         self.notifications_topic = notifications_topic
+        self.apikeys_topic = apikeys_topic
         self.lock = threading.Lock()
         self.by_user: dict[str, list[Connection]] = {}
         self.user_keys: set[bytes] = set()
         self.activity_keys: set[bytes] = set()
+        self.stats_keys: set[bytes] = set()  # users with a `stats` subscriber (live tier)
         self.positions: dict[tuple[str, int], int] = {}  # written by the Kafka thread
         self.partitions: dict[str, int] = {}  # topic → partition count, set by the feed
         self.monitors: set[Connection] = set()
@@ -38,7 +42,10 @@ class Registry:
         with self.lock:
             conn.part_a, conn.pos_a = self._position(self.alerts_topic, conn.key)
             conn.part_n, conn.pos_n = self._position(self.notifications_topic, conn.key)
+            conn.part_k, conn.pos_k = self._position(self.apikeys_topic, conn.key)
             self.user_keys.add(conn.key)
+            if conn.channels & STATS:
+                self.stats_keys.add(conn.key)
             if conns is None:
                 self.by_user[conn.user_id] = [conn]
             else:
@@ -69,6 +76,10 @@ class Registry:
             self.activity_keys.add(key)
         else:
             self.activity_keys.discard(key)
+        if any(c.channels & STATS for c in self.by_user.get(user_id, ())):
+            self.stats_keys.add(key)
+        else:
+            self.stats_keys.discard(key)
 
     def _position(self, topic: str, key: bytes) -> tuple[int, int]:
         count = self.partitions.get(topic)

@@ -1,9 +1,11 @@
-"""Resume: replay a user's missed alerts and notifications from Kafka, once, in order, bounded.
+"""Resume: replay a user's missed alerts, notifications and API-key updates from Kafka, once,
+in order, bounded.
 
 A connection that authenticates with `resume_from` registers first (which fixes where its
 live stream starts, the *baseline*); then a `Replay` reads the user's partition of
-`usage.alerts` and `notifications` from the cursor up to the baseline, keeping only the
-user's key, in two passes (blocking calls: run them in an executor):
+`usage.alerts`, `notifications` and `apikey.events` (`replay_spans`) from the cursor up to
+the baseline, keeping only the user's key, in two passes (blocking calls: run them in an
+executor):
 
 1. `plan()` scans both spans and keeps, per message of the user, only its offset, timestamp
    and size (not decoded: an undeliverable one counts too, which only errs on the safe
@@ -12,7 +14,7 @@ user's key, in two passes (blocking calls: run them in an executor):
    its state over HTTP instead. A cursor older than the log start (retention) or newer than
    the log end also gets its reason.
 2. `next_chunk(frames, size)` re-reads only the ranges that hold the next planned messages
-   and returns their frames, with cursors, in delivery order (the two topics merged by
+   and returns their frames, with cursors, in delivery order (the topics merged by
    timestamp, each in log order). The session writes a chunk before it asks for the next,
    so a resume holds one chunk in memory however large the backlog and however slowly the
    client reads. The consumer prefetches at most `PREFETCH_KB` and is closed (threads and
@@ -36,7 +38,7 @@ from core.kafka import consumer_config
 from core.settings import Settings
 from schemas.ws import ResyncReason
 from ws_bridge import cursor as cursors
-from ws_bridge.connection import CURSOR_ALERTS
+from ws_bridge.registry import Registry
 from ws_bridge.router import Kind, Routed, Router, origin_of
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,20 @@ class Bounds:
         return cls(settings.ws_resume_max_frames, settings.ws_resume_max_bytes)
 
 
+def replay_spans(registry: Registry, start: cursors.Cursor,
+                 baseline: cursors.Cursor) -> tuple[Span, ...]:
+    """What a resume from `start` (complete: `Connection.resume_from`) reads: each cursor
+    topic's partition of the user, from the cursor up to the live stream's `baseline`."""
+    return (
+        Span(registry.alerts_topic, baseline.alerts_partition, start.alerts_offset,
+             baseline.alerts_offset, Kind.ALERTS),
+        Span(registry.notifications_topic, baseline.notifications_partition,
+             start.notifications_offset, baseline.notifications_offset, Kind.NOTIFICATIONS),
+        Span(registry.apikeys_topic, baseline.api_keys_partition, start.api_keys_offset,
+             baseline.api_keys_offset, Kind.API_KEYS),
+    )
+
+
 class Replay:
     """The missed frames of one resume, planned once and then read chunk by chunk."""
 
@@ -91,7 +107,8 @@ class Replay:
         self.done = 0  # entries of `order` already returned
         self.frames = 0  # planned frames and their bytes
         self.bytes = 0
-        self._pos = [start.alerts_offset, start.notifications_offset]
+        # the next offset per cursor topic (CURSOR_ALERTS, _NOTIFICATIONS, _API_KEYS - 1)
+        self._pos = [start.alerts_offset, start.notifications_offset, start.api_keys_offset]
         self._lock = threading.Lock()  # close() waits for a chunk being read
         self._consumer: Consumer | None = None
         self._closed = False
@@ -133,7 +150,7 @@ class Replay:
                 if not complete:
                     return ResyncReason.TOO_FAR_BEHIND
             self._release()
-        # the delivery order: per span the log's, across spans by timestamp (ties: alerts first)
+        # the delivery order: per span the log's, across spans by timestamp (ties: span order)
         self.order = [entry[:3] for entry in heapq.merge(*found, key=lambda e: e[3])]
         return None
 
@@ -178,15 +195,15 @@ class Replay:
                 self._scan(consumer, span, min(offsets), max(offsets) + 1, keep)
             self.done += len(batch)
             frames: list[str] = []
-            part_a, part_n = self.start.alerts_partition, self.start.notifications_partition
+            part_a, part_n, part_k = self.start.partitions()
             pos = self._pos
             for i, offset, _ in batch:
                 found = prefixes.get((i, offset))
                 if found is None:  # gone since the plan (retention): nothing to send
                     continue
                 topic, prefix = found
-                pos[0 if topic == CURSOR_ALERTS else 1] = offset + 1
-                text = cursors.encode(part_a, pos[0], part_n, pos[1])
+                pos[topic - 1] = offset + 1
+                text = cursors.encode(part_a, pos[0], part_n, pos[1], part_k, pos[2])
                 frames.append(f'{prefix}"cursor":"{text}",')
             self.router.stats.replayed += len(frames)
             self._release()

@@ -30,7 +30,13 @@ from core.topics import APIKEY_EVENTS, NOTIFICATIONS, USAGE_ALERTS, USAGE_EVENTS
 from schemas.alerts import Alert
 from schemas.api_keys import ApiKeyEvent
 from schemas.events import InvalidEvent, decode_event
-from schemas.notifications import SYSTEM_USER, Notification, NotificationMessage
+from schemas.notifications import (
+    SYSTEM_USER,
+    Notification,
+    NotificationDelete,
+    NotificationMessage,
+    NotificationRead,
+)
 from schemas.stats import StatsRecord
 from schemas.ws import ApiKeyUpdate, frame_prefix
 from ws_bridge.connection import (
@@ -38,6 +44,7 @@ from ws_bridge.connection import (
     ALERTS,
     API_KEYS,
     CURSOR_ALERTS,
+    CURSOR_API_KEYS,
     CURSOR_NOTIFICATIONS,
     STATS,
     Connection,
@@ -45,6 +52,7 @@ from ws_bridge.connection import (
 from ws_bridge.connection import (
     NOTIFICATIONS as NOTIFICATIONS_BIT,
 )
+from ws_bridge.live import final_body
 from ws_bridge.registry import Registry
 from ws_bridge.stats import BridgeStats
 
@@ -65,7 +73,7 @@ class Kind(IntEnum):
 
 class Mode(IntEnum):
     STATS = 1  # coalesced per (service, window)
-    CURSOR = 2  # alert / notification: never dropped, carries a cursor
+    CURSOR = 2  # alert / notification / API-key update: never dropped, carries a cursor
     MUST = 3  # never dropped
     DROPPABLE = 4  # activity
     BROADCAST = 5  # system_notification to every connection
@@ -95,6 +103,13 @@ _stats = msgspec.json.Decoder(StatsRecord)
 _alert = msgspec.json.Decoder(Alert)
 _note = msgspec.json.Decoder(NotificationMessage)  # type: ignore[arg-type]
 _apikey = msgspec.json.Decoder(ApiKeyEvent)
+# a user's own notification message → its frame (a read or a delete reaches the user's
+# other sockets: the one that caused it, named by ORIGIN_HEADER, only moves its cursor)
+_NOTE_EVENTS: dict[type, str] = {
+    Notification: "new_notification",
+    NotificationRead: "notification_read",
+    NotificationDelete: "notification_deleted",
+}
 
 
 class Router:
@@ -139,7 +154,9 @@ class Router:
             if rec.user_id != user_id:
                 return None
             window = int(rec.window_start.timestamp())
-            return Routed(user_id, STATS, Mode.STATS, frame_prefix("usage_stats_update", rec, ts),
+            # `"final": true`: it replaces the live tier's provisional figures (live.py)
+            return Routed(user_id, STATS, Mode.STATS,
+                          frame_prefix("usage_stats_update", final_body(rec), ts),
                           coalesce=(rec.service, window))
         if kind is Kind.ALERTS:
             alert = _alert.decode(value)
@@ -156,7 +173,7 @@ class Router:
                               frame_prefix("system_notification", note, ts))
             if user_id == SYSTEM_USER:
                 return None
-            event = "new_notification" if isinstance(note, Notification) else "notification_read"
+            event = _NOTE_EVENTS[type(note)]
             return Routed(user_id, NOTIFICATIONS_BIT, Mode.CURSOR, frame_prefix(event, note, ts),
                           offset=offset, cursor_topic=CURSOR_NOTIFICATIONS, origin=origin)
         if kind is Kind.API_KEYS:
@@ -164,8 +181,11 @@ class Router:
             if change.user_id != user_id:
                 return None
             update = ApiKeyUpdate(action=change.action, api_key_id=change.api_key_id,
-                                  service=change.service, name=change.name, at=change.at)
-            return Routed(user_id, API_KEYS, Mode.MUST, frame_prefix("api_key_update", update, ts))
+                                  service=change.service, name=change.name, at=change.at,
+                                  event_id=change.event_id, declared_by=change.declared_by)
+            return Routed(user_id, API_KEYS, Mode.CURSOR,
+                          frame_prefix("api_key_update", update, ts), offset=offset,
+                          cursor_topic=CURSOR_API_KEYS)
         usage = decode_event(value)
         if usage.user_id != user_id:
             return None
@@ -204,6 +224,7 @@ class Router:
                 else:
                     conn.offer_droppable(routed.prefix)
         self.stats.messages_routed += routed_count
+        self.stats.delivered(batch)  # one observation per batch (stats.py)
 
     def _broadcast(self, prefix: str) -> None:
         fanout = self._fanout

@@ -13,6 +13,13 @@ injected clock before each client frame.
 Resume is streamed: the replay's frames are written chunk by chunk ahead of the live
 stream, which waits in the connection's queue (CONNECTING: unwritten) until
 `Connection.start()`.
+
+Every socket leaves three kinds of line on the logger `keypulse.ws.connections` (INFO,
+key=value): `connect` (connection id, remote address, origin), `authenticate` (user, roles;
+again on each re-authentication) and `close` (who closed, code, reason, duration, frames in
+and out), refused sockets included. Never a token: the ids and counts are the bridge's own,
+and what the client wrote (origin, its close reason) is quoted, cut to 120 characters, and
+anything shaped like a JWT in it is replaced by `***`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,11 +64,12 @@ from ws_bridge.connection import (
     Connection,
 )
 from ws_bridge.registry import Registry
-from ws_bridge.resume import Bounds, Replay, ReplayTimeout, Span
-from ws_bridge.router import Kind, Router
+from ws_bridge.resume import Bounds, Replay, ReplayTimeout, replay_spans
+from ws_bridge.router import Router
 from ws_bridge.stats import BridgeStats
 
 logger = logging.getLogger(__name__)
+connections = logging.getLogger("keypulse.ws.connections")  # one line per connect/auth/close
 
 _authenticate = msgspec.json.Decoder(Authenticate)
 _QUERY_SECRETS = frozenset({"token", "access_token", "jwt", "auth", "authorization"})
@@ -122,33 +132,43 @@ class Sessions:
         return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
 
     async def serve(self, websocket: WebSocket) -> None:
+        trace = Trace(websocket)
         if not self.origin_allowed(websocket):
             self.stats.rejected_origin += 1
             await websocket.close(CLOSE_FORBIDDEN_ORIGIN)  # before accept: HTTP 403
+            trace.closed("server", CLOSE_FORBIDDEN_ORIGIN, "origin not allowed")
             return
         if self.pending >= self.settings.ws_max_pending:
             self.stats.rejected_pending += 1
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await websocket.accept()  # so that the client sees why: a close code
-            await _close(websocket, CLOSE_TRY_AGAIN, "too many unauthenticated sockets; retry")
+            reason = "too many unauthenticated sockets; retry"
+            await _close(websocket, CLOSE_TRY_AGAIN, reason)
+            trace.closed("server", CLOSE_TRY_AGAIN, reason)
             return
         self.pending += 1
         try:
             await websocket.accept()
             async with asyncio.timeout(self.limits.auth_timeout):
-                principal, resume_from = await self._authenticate(websocket)
+                principal, resume_from = await self._authenticate(websocket, trace)
         except (TimeoutError, AuthError, _AuthFailed) as exc:
             self.stats.auth_failures += 1
             reason = "authentication timed out" if isinstance(exc, TimeoutError) else str(exc)
             await _close(websocket, CLOSE_UNAUTHORIZED, reason[:120])
+            trace.closed("server", CLOSE_UNAUTHORIZED, reason[:120])
             return
-        except (WebSocketDisconnect, RuntimeError, OSError):
+        except WebSocketDisconnect as exc:
+            trace.closed("client", exc.code, exc.reason or "")
+            return
+        except (RuntimeError, OSError) as exc:
+            trace.closed("error", None, str(exc))
             return
         finally:
             self.pending -= 1
-        await self._serve(websocket, principal, resume_from)
+        await self._serve(websocket, principal, resume_from, trace)
 
-    async def _authenticate(self, websocket: WebSocket) -> tuple[Principal, str | None]:
+    async def _authenticate(self, websocket: WebSocket, trace: Trace
+                            ) -> tuple[Principal, str | None]:
         query = websocket.scope.get("query_string", b"").decode("latin-1")
         if any(name.lower() in _QUERY_SECRETS for name, _ in parse_qsl(query)):
             msg = "tokens in the query string are refused; use the authenticate frame"
@@ -162,7 +182,8 @@ class Sessions:
             return verify_token(self.settings, token.strip(), clock=self.clock), None
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", 1000))
+            raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+        trace.frames_in += 1
         text = message.get("text")
         if text is None or len(text) > MAX_FRAME_BYTES:
             msg = "expected an authenticate frame"
@@ -179,10 +200,10 @@ class Sessions:
         return verify_token(self.settings, data.token, clock=self.clock), data.resume_from
 
     async def _serve(self, websocket: WebSocket, principal: Principal,
-                     resume_from: str | None) -> None:
+                     resume_from: str | None, trace: Trace) -> None:
         limits = self.limits
         conn = Connection(
-            websocket, uuid.uuid4().hex[:16], principal.user_id, principal.roles,
+            websocket, trace.connection_id, principal.user_id, principal.roles,
             max_queue=limits.max_queue,
             bucket=TokenBucket(limits.rate, limits.burst, self.clock),
             usage_bucket=TokenBucket(limits.usage_rate, limits.usage_burst, self.clock),
@@ -190,19 +211,23 @@ class Sessions:
         )
         if not self.registry.add(conn):
             self.stats.rejected_cap += 1
-            await _close(websocket, CLOSE_TOO_MANY, "too many connections for this user")
+            reason = "too many connections for this user"
+            await _close(websocket, CLOSE_TOO_MANY, reason)
+            trace.closed("server", CLOSE_TOO_MANY, reason, user=conn.user_id)
             return
         self.stats.connections_opened += 1
         try:
-            baseline = (conn.pos_a, conn.pos_n)
+            baseline = conn.position()
             start = self._resume_start(conn, resume_from)  # moves the floor: no await before
             first = self.authenticated(conn, principal.expires_at, start)
             await conn.write_now(first)  # seq 1, ahead of anything queued live meanwhile
             if resume_from is not None:
                 await self._resume(conn, start, baseline)
             conn.start()
-            await self._receive_loop(conn)
-        except (WebSocketDisconnect, RuntimeError, OSError):
+            await self._receive_loop(conn, trace)
+        except WebSocketDisconnect as exc:
+            trace.peer_code, trace.peer_reason = exc.code, exc.reason or ""
+        except (RuntimeError, OSError):
             pass
         finally:
             self.registry.remove(conn)
@@ -210,10 +235,20 @@ class Sessions:
             if conn.expiry is not None:
                 conn.expiry.cancel()
             conn.stop()
+            if conn.close_code is not None:  # the server closed it
+                trace.closed("server", conn.close_code, conn.close_reason, user=conn.user_id,
+                             frames_out=conn.seq)
+            else:
+                trace.closed("client", trace.peer_code, trace.peer_reason, user=conn.user_id,
+                             frames_out=conn.seq)
 
     def authenticated(self, conn: Connection, expires_at: float,
                       start: cursors.Cursor | str | None = None) -> str:
         """The `authenticated` frame head; (re)arms the close at token expiry."""
+        if connections.isEnabledFor(logging.INFO):
+            connections.info("authenticate conn=%s user=%s roles=%s reauth=%d",
+                             conn.connection_id, _quote(conn.user_id),
+                             _quote(",".join(conn.roles)), conn.expiry is not None)
         if conn.expiry is not None:
             conn.expiry.cancel()
         self.expires_at[conn] = expires_at
@@ -237,39 +272,30 @@ class Sessions:
             return ResyncReason.INVALID_CURSOR
         if not self.kafka:
             return ResyncReason.RESUME_UNAVAILABLE
-        if (start.alerts_partition, start.notifications_partition) != (conn.part_a, conn.part_n):
-            return ResyncReason.PARTITIONS_CHANGED
-        conn.pos_a = max(conn.pos_a, start.alerts_offset)
-        conn.pos_n = max(conn.pos_n, start.notifications_offset)
-        return start
+        complete = conn.resume_from(start)
+        return ResyncReason.PARTITIONS_CHANGED if complete is None else complete
 
     async def _resume(self, conn: Connection, start: cursors.Cursor | str | None,
-                      baseline: tuple[int, int]) -> None:
+                      baseline: cursors.Cursor) -> None:
         """Replay what the cursor missed, or queue `resync_required` ahead of the live frames
         (a replay that fails midway also ends with it: the client refetches from there)."""
         reason = await self._replay(conn, start, baseline) if isinstance(
             start, cursors.Cursor) else start
         if reason is not None and conn.close_code is None:
             self.stats.resyncs += 1
-            conn.pos_a, conn.pos_n = max(baseline[0], 0), max(baseline[1], 0)
+            conn.rewind(baseline)
             frame = frame_prefix("resync_required",
                                  ResyncRequired(reason=reason, cursor=conn.cursor()),
                                  int(self.clock() * 1000))
             conn.queue.insert(0, frame)
 
     async def _replay(self, conn: Connection, start: cursors.Cursor,
-                      baseline: tuple[int, int]) -> str | None:
+                      baseline: cursors.Cursor) -> str | None:
         """Stream the missed frames to the socket, one chunk read from Kafka at a time, each
         written (`Connection.write_now`) once the writer takes it, i.e. the peer reads: one
         chunk in memory, plus what the writer holds (one frame, or its buffer's high-water
         mark)."""
-        registry = self.registry
-        spans = (
-            Span(registry.alerts_topic, conn.part_a, start.alerts_offset, baseline[0],
-                 Kind.ALERTS),
-            Span(registry.notifications_topic, conn.part_n, start.notifications_offset,
-                 baseline[1], Kind.NOTIFICATIONS),
-        )
+        spans = replay_spans(self.registry, start, baseline)
         replay = Replay(self.settings, self.router, conn.key, start, spans, self.resume_bounds)
         loop = asyncio.get_running_loop()
         try:
@@ -305,7 +331,7 @@ class Sessions:
         except RuntimeError:  # the pool is shut down: the bridge is stopping
             replay.close()
 
-    async def _receive_loop(self, conn: Connection) -> None:
+    async def _receive_loop(self, conn: Connection, trace: Trace) -> None:
         websocket = conn.websocket
         limits = self.limits
         handle = self.events.handle
@@ -313,7 +339,10 @@ class Sessions:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
+                trace.peer_code = message.get("code", 1005)
+                trace.peer_reason = message.get("reason") or ""
                 return
+            trace.frames_in += 1
             if conn.close_code is not None:
                 continue  # closing: drain until the disconnect arrives
             if self.clock() >= expires_at.get(conn, _NEVER):
@@ -350,3 +379,46 @@ class Sessions:
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
     with contextlib.suppress(TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
         await asyncio.wait_for(websocket.close(code, reason), 2.0)
+
+
+# -- the connection log ----------------------------------------------------------------------
+
+_JWT = re.compile(r"eyJ[\w-]*\.[\w-]*\.?[\w-]*")
+_MAX_LOGGED = 120
+
+
+def _quote(text: str | None) -> str:
+    """A value for a key=value line: `-` when absent, else JSON-quoted (no line breaks),
+    cut to 120 characters, anything shaped like a JWT replaced by `***`."""
+    if text is None or text == "":
+        return "-"
+    return msgspec.json.encode(_JWT.sub("***", text)[:_MAX_LOGGED]).decode()
+
+
+class Trace:
+    """One socket's story for the connection log: its id (the `connection_id` the client is
+    given), when it connected, client frames read, and how the peer closed."""
+
+    __slots__ = ("connection_id", "frames_in", "peer_code", "peer_reason", "started")
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.connection_id = uuid.uuid4().hex[:16]
+        self.started = time.monotonic()
+        self.frames_in = 0
+        self.peer_code: int | None = None
+        self.peer_reason = ""
+        if connections.isEnabledFor(logging.INFO):
+            client = websocket.client
+            remote = f"{client.host}:{client.port}" if client is not None else "-"
+            connections.info("connect conn=%s remote=%s origin=%s", self.connection_id,
+                             _quote(remote), _quote(websocket.headers.get("origin")))
+
+    def closed(self, by: str, code: int | None, reason: str, *, user: str | None = None,
+               frames_out: int = 0) -> None:
+        if not connections.isEnabledFor(logging.INFO):
+            return
+        connections.info(
+            "close conn=%s user=%s by=%s code=%s reason=%s duration_s=%.3f frames_in=%d "
+            "frames_out=%d", self.connection_id, _quote(user), by,
+            "-" if code is None else code, _quote(reason), time.monotonic() - self.started,
+            self.frames_in, frames_out)

@@ -144,6 +144,9 @@ class SlimWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # websockets logs the head and tail of every frame when its logger (uvicorn.error)
+        # is at DEBUG: a token's signature, whatever a client sent. Never.
+        self.conn.debug = False
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
         self.frame_writer: UvicornFrameWriter | None = None

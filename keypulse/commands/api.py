@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from api import create_app
     from core.clickhouse import shared_client
+    from core.telemetry import Telemetry, clickhouse_probe, kafka_probe
     from keypulse.server import check_bind, serve
 
     host = args.host or settings.host
@@ -36,7 +37,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                    "or a ClickHouse server (KEYPULSE_CLICKHOUSE_DSN=http://...)")
             raise ServiceError(msg) from None
         raise
-    return serve(create_app(settings), settings, host=host, port=args.port or settings.port)
+    # /readyz: the broker the API publishes to, and the store it reads
+    telemetry = Telemetry(readiness=[kafka_probe(settings),
+                                     clickhouse_probe(lambda: shared_client(settings))])
+    return serve(create_app(settings, telemetry=telemetry), settings, host=host,
+                 port=args.port or settings.port)
 
 
 def held(store: Path) -> bool:

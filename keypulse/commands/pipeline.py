@@ -4,6 +4,10 @@ It always stops: SIGTERM/SIGINT end the run after the current batch; a second si
 run still going `--stop-timeout` seconds later (a stuck step), exits at once with 128 + the
 signal's number. A run that fails logs why in one line and exits 1 at once: the threads a
 dead dataflow leaves (Bytewax's, chDB's) can hang or crash the interpreter's normal exit.
+
+Each process serves `/healthz`, `/readyz` and `/metrics` on `KEYPULSE_PIPELINE_HTTP_PORT` + its
+process id (0: not served), on a small threaded server of its own, off the dataflow's thread.
+A port already taken is logged and the dataflow runs without it.
 """
 
 from __future__ import annotations
@@ -15,9 +19,15 @@ import signal
 import subprocess
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from core.errors import ConfigError, KeypulseError
+from core.errors import ConfigError, KeypulseError, ServiceError
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+    from core.telemetry import HttpServer
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +99,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from core.clickhouse import prepare
 
         prepare(settings, migrate)  # opens and migrates ClickHouse while the dataflow loads
+    http = serve_telemetry(settings, args.process_id if addresses else 0)
     try:
         run_pipeline(
             settings,
@@ -105,7 +116,52 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except Exception:
         logger.exception("the pipeline failed")
         force_exit(1, "the pipeline failed")
+    if http is not None:
+        http.__exit__()
     return 0
+
+
+def serve_telemetry(settings: Settings, process_id: int) -> HttpServer | None:
+    """`/healthz` (the dataflow stuck), `/readyz` (also Kafka, and ClickHouse where this
+    process writes) and `/metrics` on this process's port, or None (port 0, or taken)."""
+    from core.clickhouse import prepare
+    from core.telemetry import (
+        Check,
+        Endpoints,
+        HttpServer,
+        Telemetry,
+        clickhouse_probe,
+        kafka_probe,
+    )
+    from pipeline.runner import PipelineHealth
+
+    if not settings.pipeline_http_port:
+        return None
+    port = settings.pipeline_http_port + process_id
+    readiness: list[Check] = [kafka_probe(settings)]
+    if not process_id or not settings.embedded:  # this process opens ClickHouse
+
+        def clickhouse() -> Client:
+            opening = prepare(settings)  # the run's own: opened (and migrated) once
+            if not opening.done():
+                msg = "opening (and migrating) the store"
+                raise ServiceError(msg)
+            return opening.result()
+
+        readiness.append(clickhouse_probe(clickhouse))
+    health = PipelineHealth(settings.health_max_lag_seconds)
+    endpoints = Endpoints(Telemetry(readiness=readiness), health=[health.problem])
+    try:
+        server = HttpServer(endpoints, settings.host, port)
+    except ServiceError as exc:
+        failure = str(exc)
+    else:
+        logger.info("pipeline: /healthz, /readyz and /metrics on http://%s:%s",
+                    settings.host, port)
+        return server.__enter__()
+    logger.error("%s; the pipeline runs without them (KEYPULSE_PIPELINE_HTTP_PORT, 0 = off)",
+                 failure)
+    return None
 
 
 def spawn_local_cluster(

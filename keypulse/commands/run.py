@@ -3,7 +3,8 @@ process on one port, on one embedded ClickHouse (chDB).
 
 Death is loud: when the pipeline's thread ends, the server stops and the process exits 1
 with one log line saying why (a supervisor restarts it; the pipeline resumes from its last
-snapshot), and `/healthz` answers 503 while the pipeline is dead or stuck.
+snapshot), and `/healthz` answers 503 while the pipeline is dead or stuck; `/readyz` also
+while Kafka or ClickHouse does not answer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from api import create_app
-    from core.clickhouse import prepare, redact
+    from core.clickhouse import prepare, redact, shared_client
+    from core.telemetry import Telemetry, clickhouse_probe, kafka_probe
     from infra.clickhouse.migrate import migrate
     from infra.kafka.launcher import is_up
     from keypulse.server import check_bind, serve
@@ -41,7 +43,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise ServiceError(msg)
     prepare(settings, migrate).result()  # opened and migrated once; the pipeline reuses it
     pipeline = EmbeddedPipeline(settings, epoch_seconds=args.epoch_seconds, migrate=migrate)
-    bridge = create_bridge(settings)
+    telemetry = Telemetry(readiness=[kafka_probe(settings),
+                                     clickhouse_probe(lambda: shared_client(settings))])
+    bridge = create_bridge(settings, telemetry=telemetry)
 
     @contextlib.asynccontextmanager
     async def pipeline_lifespan(_app: Any) -> AsyncIterator[None]:
@@ -58,9 +62,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     app = create_app(settings, routers=[bridge.router],
                      lifespans=[pipeline_lifespan, bridge.lifespan],
-                     health_checks=[pipeline.problem])
-    print(f"keypulse: HTTP http://{host}:{port}/healthz  metrics http://{host}:{port}/metrics  "
-          f"WebSocket ws://{host}:{port}/ws  ClickHouse {redact(settings.dsn)}", flush=True)
+                     health_checks=[pipeline.problem], telemetry=telemetry)
+    print(f"keypulse: HTTP http://{host}:{port}/healthz  readiness http://{host}:{port}/readyz  "
+          f"metrics http://{host}:{port}/metrics  WebSocket ws://{host}:{port}/ws  "
+          f"ClickHouse {redact(settings.dsn)}", flush=True)
     code = serve(app, settings, host=host, port=port, access_log=False, watch=pipeline_died,
                  **UVICORN_WS_OPTIONS)
     return 1 if code or pipeline.error is not None else 0

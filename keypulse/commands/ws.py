@@ -1,5 +1,7 @@
 """`keypulse ws [--host H] [--port P]`: the WebSocket bridge alone (Kafka only, no ClickHouse).
 
+Beside `/ws` it answers `/healthz`, `/readyz` (Kafka answers) and `/metrics`.
+
 uvicorn handles SIGINT/SIGTERM: it closes the sockets and runs the app's lifespan exit,
 which stops the bridge's Kafka threads.
 """
@@ -19,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from core.telemetry import Telemetry, kafka_probe
     from keypulse.server import check_bind, serve
     from ws_bridge import UVICORN_WS_OPTIONS, create_bridge
 
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # to 10,000 sockets, the default 5 ms switch interval is what a freshly fetched
     # per-user message waits, several times per batch. 1 ms keeps that wait small.
     sys.setswitchinterval(0.001)
-    bridge = create_bridge(settings)
+    bridge = create_bridge(settings, telemetry=Telemetry(readiness=[kafka_probe(settings)]))
     return serve(
         bridge.app(),
         settings,

@@ -36,9 +36,8 @@ from pipeline.alerting.rules import (
     RuleBook,
     RuleChange,
     decode_rule_message,
-    instance_id,
 )
-from schemas.alerts import GLOBAL_USER, default_rule_id, default_rules
+from schemas.alerts import GLOBAL_USER, default_rule_id, default_rules, instance_id
 
 __all__ = [
     "GLOBAL_USER",

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from core.clock import to_ms
+from core.templates import Templates
 from pipeline.alerting.evaluator import AlertEvaluator, EvaluatorConfig
 from pipeline.alerting.incidents import (
     IncidentConfig,
@@ -70,11 +71,12 @@ class AlertingHook:
     """Rules + evaluator for one partition; `snapshot()` / `AlertingHook(state)` round-trip."""
 
     __slots__ = ("_book_blob", "book", "evaluator", "history", "idle_checked_s",
-                 "invalid_rules", "pruned_at", "signals", "state_idle_ms")
+                 "invalid_rules", "pruned_at", "signals", "state_idle_ms", "templates")
 
     def __init__(self, state: Any = None, *, config: EvaluatorConfig | None = None,
                  incidents: IncidentConfig | None = None,
-                 state_idle_seconds: int = DEFAULT_STATE_IDLE_SECONDS) -> None:
+                 state_idle_seconds: int = DEFAULT_STATE_IDLE_SECONDS,
+                 templates: Templates | None = None) -> None:
         incidents = incidents or IncidentConfig()
         if state is None:
             self.book = RuleBook()
@@ -92,13 +94,15 @@ class AlertingHook:
         self.idle_checked_s = -1
         self.pruned_at = -1
         self.state_idle_ms = state_idle_seconds * 1000
+        self.templates = templates  # None: the packaged registry
 
     @classmethod
     def factory(cls, state_idle_seconds: int = DEFAULT_STATE_IDLE_SECONDS,
-                incidents: IncidentConfig | None = None) -> Callable[[Any], AlertingHook]:
+                incidents: IncidentConfig | None = None, templates: Templates | None = None
+                ) -> Callable[[Any], AlertingHook]:
         """A `HookFactory` (resumed state → hook) with these settings."""
         return functools.partial(cls, state_idle_seconds=state_idle_seconds,
-                                 incidents=incidents)
+                                 incidents=incidents, templates=templates)
 
     def on_control(self, item: Any) -> None:
         """An `alert.rules` item: a `RuleChange`, an `AlertRule`, or raw `(key, value)`."""
@@ -140,7 +144,7 @@ class AlertingHook:
         if watermark_ms // PRUNE_EVERY_MS != self.pruned_at:
             self.pruned_at = watermark_ms // PRUNE_EVERY_MS
             self.prune(watermark_ms)
-        return alerts, [notification_for(alert) for alert in alerts]
+        return alerts, [notification_for(alert, self.templates) for alert in alerts]
 
     def prune(self, watermark_ms: int) -> int:
         """Forget the state of keys idle for `state_idle_seconds` before `watermark_ms`;

@@ -2,9 +2,9 @@
 
 When enough distinct users *with real traffic history* have a firing server-error alert on
 the same *known* service in the same window, one system-wide notification (user "*",
-template `provider_incident`) says so: "openai: 12 users see 5xx rates above their
-thresholds". Everybody is told, so a handful of fresh accounts must not be able to raise
-one (for a made-up service, or a real one):
+template `provider_incident` of the registry) says so: "openai: 12 users see 5xx rates
+above their thresholds". Everybody is told, so a handful of fresh accounts must not be able
+to raise one (for a made-up service, or a real one):
 
 * a user counts only once their key (user, service) has had `history_windows` clean
   windows (at least `history_min_requests` requests, no incident signal) before it signals:
@@ -47,10 +47,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from core.clock import from_ms, to_ms
+from core.templates import Templates
 from pipeline.alerting.evaluator import AlertEvaluator
-from pipeline.alerting.messages import clock
+from pipeline.alerting.notify import default_templates
 from schemas.alerts import Metric
-from schemas.notifications import SYSTEM_USER, Notification, NotificationType
+from schemas.notifications import SYSTEM_USER, Notification
 from schemas.stats import StatsRecord
 
 logger = logging.getLogger(__name__)
@@ -194,19 +195,14 @@ def incident_signal(evaluator: AlertEvaluator, stats: StatsRecord) -> IncidentSi
 
 
 def incident_notification(service: str, window_start_ms: int, window_end_ms: int,
-                          users: int) -> Notification:
-    return Notification(
+                          users: int, templates: Templates | None = None) -> Notification:
+    """The system-wide notification (template `provider_incident`) of one incident."""
+    return (templates or default_templates()).notification(
+        TEMPLATE,
         notification_id=f"{TEMPLATE}:{service}:{window_start_ms}",
         user_id=SYSTEM_USER,
-        type=NotificationType.ERROR,
-        template=TEMPLATE,
-        title=f"{service}: possible provider incident",
-        message=(
-            f"{service}: {users} users see 5xx rates above their thresholds "
-            f"(window ending {clock(window_end_ms)})"
-        ),
         created_at=from_ms(window_end_ms),
-        data={
+        fields={
             "service": service,
             "users": str(users),
             "window_start": from_ms(window_start_ms).isoformat(),
@@ -238,12 +234,15 @@ class _Service:
 
 class IncidentCounter:
     """Stage 2: population and distinct users per (service, window). Key the step by
-    service (state per service), or use one for everything."""
+    service (state per service), or use one for everything. `templates` word the
+    notification (default: the packaged registry); like `config`, not part of the state."""
 
-    __slots__ = ("_services", "config")
+    __slots__ = ("_services", "config", "templates")
 
-    def __init__(self, config: IncidentConfig | None = None) -> None:
+    def __init__(self, config: IncidentConfig | None = None,
+                 templates: Templates | None = None) -> None:
         self.config = config or IncidentConfig()
+        self.templates = templates
         self._services: dict[str, _Service] = {}
 
     def on_item(self, item: IncidentInput) -> Notification | None:
@@ -300,7 +299,8 @@ class IncidentCounter:
         svc.incident = [start, start]
         logger.info("provider incident on %s at window %s (%s of %s users)", signal.service,
                     start, len(users), svc.population)
-        return incident_notification(signal.service, start, signal.window_end_ms, len(users))
+        return incident_notification(signal.service, start, signal.window_end_ms, len(users),
+                                     self.templates)
 
     def active_incident(self, service: str) -> tuple[int, int] | None:
         """(first, last) qualifying window start of the service's latest incident."""
@@ -318,3 +318,4 @@ class IncidentCounter:
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self.config, self._services = state
+        self.templates = None

@@ -42,7 +42,12 @@ from typing import Any, NamedTuple
 import msgspec
 
 from core.errors import KeypulseError
-from schemas.alerts import GLOBAL_USER, AlertRule, default_rules
+from schemas.alerts import (
+    GLOBAL_USER,
+    AlertRule,
+    default_rules,
+    effective_rules,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +61,6 @@ class RuleChange(NamedTuple):
 
     rule_id: str
     rule: AlertRule | None
-
-
-def instance_id(template_id: str, user_id: str) -> str:
-    """The id a template (`user_id` "*") has for one user."""
-    marker = f":{GLOBAL_USER}:"
-    if marker in template_id:
-        return template_id.replace(marker, f":{user_id}:", 1)
-    return f"{template_id}:{user_id}"
 
 
 def decode_rule_message(key: bytes | str | None, value: bytes | None) -> RuleChange:
@@ -200,17 +197,9 @@ class RuleBook:
         return rules
 
     def _effective(self, user_id: str) -> list[AlertRule]:
-        own = self._by_user.get(user_id, {})
-        rules = list(own.values())
-        if user_id == GLOBAL_USER:
-            return rules
-        unfiltered_metrics = {rule.metric for rule in rules if rule.service is None}
-        for template in self._by_user.get(GLOBAL_USER, {}).values():
-            rule_id = instance_id(template.rule_id, user_id)
-            if rule_id in own or template.metric in unfiltered_metrics:
-                continue
-            rules.append(msgspec.structs.replace(template, rule_id=rule_id, user_id=user_id))
-        return rules
+        """schemas.alerts.effective_rules: the API lists the same (GET /v1/alert-rules)."""
+        return effective_rules(user_id, self._by_user.get(user_id, {}),
+                               self._by_user.get(GLOBAL_USER, {}).values())
 
     def get(self, rule_id: str) -> AlertRule | None:
         owner = self._owner.get(rule_id)

@@ -16,6 +16,7 @@ import functools
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import jsonschema
@@ -32,11 +33,15 @@ from schemathesis.python import asgi
 from api import create_app
 from api.deps import get_clickhouse
 from api.responses import ErrorBody, schema
+from api.routes.notifications import EXAMPLE_DELETE_ID, EXAMPLE_ID
+from core import clickhouse
 from core.auth import ADMIN_ROLE, ANALYST_ROLE, INGEST_ROLE, SERVICE_ROLE, USER_ROLE, mint_token
 from core.clock import ManualClock
+from core.outputs import NOTIFICATIONS_OUTPUT, insert_records
 from core.settings import Settings, load
 from infra.clickhouse.migrate import migrate
 from infra.kafka import launcher
+from schemas.notifications import Notification, NotificationType
 from tests.api.usage_rows import Event, seed
 from tests.conftest import TEST_DATA_DIR
 from tests.integration.harness import embedded
@@ -48,7 +53,7 @@ CALLERS: tuple[tuple[str, ...] | None, ...] = (
     None, (), (USER_ROLE,), (ADMIN_ROLE,), (INGEST_ROLE,), (SERVICE_ROLE,), (ANALYST_ROLE,))
 USER = "user-1"
 # answers in another shape than the error body, by design: the probe's own body
-NOT_ERROR_BODIES = {("get", "/healthz", "503")}
+NOT_ERROR_BODIES = {("get", "/healthz", "503"), ("get", "/readyz", "503")}
 NOW_S = float(int(time.time()) // 60 * 60)  # the app's clock: real time, so TTLs keep the rows
 
 
@@ -126,6 +131,9 @@ def test_every_operation_is_described(method: str, path: str) -> None:
                  if status.startswith("2")}
     assert successes, f"{where}: no success answer"
     for status, answer in successes.items():
+        if status == "204":  # No Content: an answer without a body, by definition
+            assert not answer.get("content"), f"{where} 204: a body"
+            continue
         contents = answer.get("content", {})
         assert contents, f"{where} {status}: no content"
         assert any(content.get("schema") for content in contents.values()) or set(contents) - {
@@ -185,11 +193,19 @@ def served(kafka: Settings, tmp_path_factory: pytest.TempPathFactory
                   1.5 + i * 3.7, f"/v1/e{i % 4}", tokens_in=i, tokens_out=2 * i,
                   cost_usd=0.001 * i)
             for i in range(60)])
+        insert_records(client, NOTIFICATIONS_OUTPUT, app_settings.clickhouse_database, [
+            Notification(notification_id=notification_id, user_id=USER, type=NotificationType.INFO,
+                         template="announcement", title="Welcome", message="Welcome.",
+                         created_at=datetime.fromtimestamp(NOW_S, tz=UTC))
+            for notification_id in (EXAMPLE_ID, EXAMPLE_DELETE_ID)])  # the routes' examples
         app = create_app(app_settings, clock=ManualClock(NOW_S))
         app.dependency_overrides[get_clickhouse] = lambda: client
+        shared = pytest.MonkeyPatch()  # the audit trail's client (shared_client) is this one
+        shared.setitem(clickhouse._shared, app_settings.dsn, client)  # and none is left open
         try:
             yield app, app_settings
         finally:
+            shared.undo()
             asgi.shutdown_lifespans()  # schemathesis keeps an app's lifespan open until then
             store = getattr(app.state, "sql_store", None)
             if store is not None:

@@ -90,8 +90,7 @@ def test_ingest_table_columns_follow_the_row_layout(settings: Settings, tmp_path
 
 
 def test_rule_rows_land_with_their_millisecond_times(settings: Settings, tmp_path: Path) -> None:
-    from core.outputs import ALERT_RULES_OUTPUT
-    from pipeline.rows import rule_row
+    from core.outputs import ALERT_RULES_OUTPUT, rule_row
     from schemas.alerts import AlertRule, Metric, Op
 
     rules = [AlertRule(rule_id=f"r{i}", user_id="u1", name="errors", metric=Metric.ERROR_RATE,

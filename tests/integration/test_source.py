@@ -122,3 +122,6 @@ def test_a_source_with_metrics_records_each_batch(kafka_settings: Settings) -> N
     batches = _batches(source, 5)
     assert counters.batch_at == {0: 1_700_000_123.5}
     assert counters.caught_up == {0: batches[-1].caught_up}
+    # the position and the log end, for the system snapshot's lag and rates (core/system.py)
+    assert counters.offsets == {0: 5}
+    assert counters.end_offsets == {0: 5}

@@ -20,11 +20,12 @@ from msgspec.structs import astuple
 
 from core import topics
 from core.kafka import consumer_config, producer_config
+from core.outputs import rule_row
 from core.settings import Settings
 from infra.clickhouse.migrate import migrate
 from pipeline.items import DeadLetter, EventRows, PartitionOutput
 from pipeline.metrics import PipelineMetrics
-from pipeline.rows import encode_rows, rule_row
+from pipeline.rows import encode_rows
 from pipeline.sinks import OutputPartition, OutputSink
 from pipeline.windows import WindowAcc, close_window
 from schemas.alerts import AlertRule, Metric, Op

@@ -10,15 +10,16 @@ from collections import defaultdict
 
 import msgspec
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from core.kafka import consumer_config, partition_for
+from core.kafka import consumer_config, partition_for, producer_config
 from core.settings import Settings
 from schemas.api_keys import ApiKeyEvent
 from schemas.events import decode_event
-from schemas.notifications import NotificationMessage, NotificationRead
+from schemas.notifications import NotificationDelete, NotificationMessage, NotificationRead
 from tests.ws import kafka_helpers as kh
 from tests.ws.harness import expect, login, quiet, recv, send
+from ws_bridge.router import ORIGIN_HEADER
 
 pytestmark = pytest.mark.integration
 
@@ -65,8 +66,8 @@ def test_routing_by_kind(kafka_settings: Settings, bridges) -> None:  # type: ig
         for frame, data in got:
             if frame.event != "system_notification":
                 assert data.user_id == "alice" if hasattr(data, "user_id") else True
-            if frame.event in ("usage_alert", "new_notification"):
-                assert frame.cursor and frame.cursor.startswith("1.")
+            if frame.event in ("usage_alert", "new_notification", "api_key_update"):
+                assert frame.cursor and frame.cursor.startswith("2.")
             else:
                 assert frame.cursor is None
         got2 = sorted(f.event for f, _ in [await recv(alice2) for _ in range(5)])
@@ -74,7 +75,7 @@ def test_routing_by_kind(kafka_settings: Settings, bridges) -> None:  # type: ig
         frame, _ = await expect(bob, "system_notification")
         await quiet(bob, 0.5)
         await quiet(alice, 0.2)
-        assert auth.cursor.startswith("1.")
+        assert auth.cursor.startswith("2.")
         for ws in (alice, alice2, bob):
             await ws.close()
 
@@ -125,6 +126,47 @@ def test_mismatched_key_and_value_reach_nobody(kafka_settings: Settings, bridges
     # counted when decoded: both cross-keyed records of each kind, and the "*"-keyed
     # notification (other "*"-keyed records are skipped unread: nobody has that key)
     assert server.bridge.stats.decode_errors == 2 * len(MAKERS) + 1
+
+
+def test_a_deletion_reaches_the_users_other_sockets(kafka_settings: Settings, bridges) -> None:  # type: ignore[no-untyped-def]
+    """A `NotificationDelete` on `notifications` is `notification_deleted` (never a read),
+    with a cursor, on the user's sockets but the one that caused it (the origin header),
+    and is replayed on resume."""
+    server = bridges(kafka_settings)
+    producer = Producer(producer_config(kafka_settings, **{"linger.ms": 0}))
+    topic = kafka_settings.topic("notifications")
+
+    def delete(notification_id: str, origin: str | None = None) -> None:
+        value = msgspec.json.encode(NotificationDelete(
+            notification_id=notification_id, user_id="alice", at=kh.T0))
+        headers: list[tuple[str, str | bytes | None]] | None = (
+            [(ORIGIN_HEADER, origin.encode())] if origin is not None else None)
+        producer.produce(topic, value, b"alice", headers=headers)
+        assert producer.flush(10) == 0
+
+    async def main() -> None:
+        phone, auth = await login(server.url, kafka_settings, "alice")
+        laptop, _ = await login(server.url, kafka_settings, "alice")
+        bob, _ = await login(server.url, kafka_settings, "bob")
+        delete("n1")
+        for ws in (phone, laptop):
+            frame, data = await expect(ws, "notification_deleted")
+            assert isinstance(data, NotificationDelete) and frame.cursor is not None
+            assert (data.notification_id, data.user_id) == ("n1", "alice")
+        delete("n2", origin=auth.connection_id)  # the phone deleted it
+        frame, data = await expect(laptop, "notification_deleted")
+        assert data.notification_id == "n2"
+        await quiet(phone, 0.3)
+        await quiet(bob, 0.3)
+        ws, _ = await login(server.url, kafka_settings, "alice", resume_from=auth.cursor)
+        replayed = [(await expect(ws, "notification_deleted"))[1].notification_id
+                    for _ in range(2)]
+        assert replayed == ["n1", "n2"]
+        await quiet(ws, 0.3)
+        for sock in (phone, laptop, bob, ws):
+            await sock.close()
+
+    asyncio.run(main())
 
 
 def test_partitioner_matches_the_producer(kafka_settings: Settings) -> None:

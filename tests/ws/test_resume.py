@@ -88,7 +88,7 @@ def test_resume_replays_exactly_the_missed(kafka_settings: Settings, bridges) ->
         # garbage → resync_required, and the connection carries on live
         ws, _ = await login(server.url, kafka_settings, "alice", resume_from="nonsense")
         _, resync = await expect(ws, "resync_required")
-        assert resync.reason == "invalid_cursor" and resync.cursor.startswith("1.")
+        assert resync.reason == "invalid_cursor" and resync.cursor.startswith("2.")
         await ws.close()
 
         # beyond retention: the log start moved past the cursor

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+import msgspec
 import pytest
 
 from core.clock import ManualClock
@@ -14,10 +15,25 @@ from core.kafka import murmur2, partition_for
 from core.limits import TokenBucket
 from core.secrets import find_secret, looks_like_secret, secret_field_name
 from core.settings import Settings
-from schemas.ws import MAX_NESTING, InvalidFrame, decode_client_frame
+from schemas.api_keys import ApiKeyAction, ApiKeyEvent, DeclaredBy
+from schemas.notifications import NotificationDelete
+from schemas.ws import (
+    CURSOR_EVENTS,
+    MAX_NESTING,
+    SERVER_EVENTS,
+    InvalidFrame,
+    decode_client_frame,
+    decode_server_frame,
+)
 from tests.ws import kafka_helpers as kh
 from ws_bridge import cursor
-from ws_bridge.connection import CLOSE_OVERFLOW, CURSOR_ALERTS, CURSOR_NOTIFICATIONS, Connection
+from ws_bridge.connection import (
+    CLOSE_OVERFLOW,
+    CURSOR_ALERTS,
+    CURSOR_API_KEYS,
+    CURSOR_NOTIFICATIONS,
+    Connection,
+)
 from ws_bridge.registry import Registry
 from ws_bridge.router import Kind, Mode, Router
 from ws_bridge.stats import BridgeStats
@@ -87,23 +103,47 @@ def test_must_frames_overflow_closes_4008_and_memory_is_bounded() -> None:
 
 def test_cursor_frames_skip_before_position_and_carry_cursor() -> None:
     conn, sock, _ = make()
-    conn.part_a, conn.pos_a, conn.part_n, conn.pos_n = 1, 10, 2, 5
+    conn.part_a, conn.pos_a, conn.part_n, conn.pos_n, conn.part_k, conn.pos_k = 1, 10, 2, 5, 0, 3
     conn.offer_cursor('{"x":"old",', CURSOR_ALERTS, 9)
     conn.offer_cursor('{"x":"a",', CURSOR_ALERTS, 10)
     conn.offer_cursor('{"x":"n",', CURSOR_NOTIFICATIONS, 7)
     conn.offer_cursor_skip(CURSOR_NOTIFICATIONS, 8)
+    conn.offer_cursor('{"x":"k-old",', CURSOR_API_KEYS, 2)
+    conn.offer_cursor('{"x":"k",', CURSOR_API_KEYS, 4)
     drain(conn)
-    assert sock.sent == ['{"x":"a","cursor":"1.1.11.2.5","seq":1}',
-                         '{"x":"n","cursor":"1.1.11.2.8","seq":2}']
-    assert conn.cursor() == "1.1.11.2.9"
+    assert sock.sent == ['{"x":"a","cursor":"2.1.11.2.5.0.3","seq":1}',
+                         '{"x":"n","cursor":"2.1.11.2.8.0.3","seq":2}',
+                         '{"x":"k","cursor":"2.1.11.2.9.0.5","seq":3}']
+    assert conn.cursor() == "2.1.11.2.9.0.5"
 
 
 def test_cursor_roundtrip_and_rejects() -> None:
-    c = cursor.decode("1.3.100.0.7")
-    assert c == cursor.Cursor(3, 100, 0, 7) and c.encode() == "1.3.100.0.7"
-    for bad in ("", "2.1.1.1.1", "1.1.1.1", "1.a.1.1.1", "1.-1.1.1.1", "1.1.1.1.1.1"):
+    c = cursor.decode("2.3.100.0.7.1.9")
+    assert c == cursor.Cursor(3, 100, 0, 7, 1, 9) and c.encode() == "2.3.100.0.7.1.9"
+    assert c.has_api_keys
+    for bad in ("", "2.1.1.1.1", "1.1.1.1", "1.a.1.1.1", "1.-1.1.1.1", "1.1.1.1.1.1",
+                "2.1.1.1.1.1", "3.1.1.1.1.1.1", "2.1.1.1.1.1.1.1", "2.1.1.1.1.70000.1",
+                "1.\u00b2.1.1.1"):
         with pytest.raises(cursor.BadCursor):
             cursor.decode(bad)
+
+
+def test_version_1_cursors_still_resume_without_an_api_key_position() -> None:
+    """A cursor written before API-key updates were resumable still decodes; a resume from
+    it takes API-key updates from the connection's live position (what version 1 promised)
+    and answers a complete version-2 cursor."""
+    old = cursor.decode("1.3.100.0.7")
+    assert old == cursor.Cursor(3, 100, 0, 7) and not old.has_api_keys
+    conn, _, _ = make()
+    conn.part_a, conn.pos_a, conn.part_n, conn.pos_n, conn.part_k, conn.pos_k = 3, 90, 0, 5, 2, 40
+    start = conn.resume_from(old)
+    assert start == cursor.Cursor(3, 100, 0, 7, 2, 40)
+    assert conn.cursor() == "2.3.100.0.7.2.40"
+    conn.rewind(cursor.Cursor(3, 90, 0, 5, 2, 40))
+    assert conn.cursor() == "2.3.90.0.5.2.40"
+    # a cursor of other partitions (the topics were repartitioned) is not resumable
+    assert conn.resume_from(cursor.Cursor(3, 1, 0, 1, 1, 1)) is None
+    assert conn.resume_from(cursor.Cursor(1, 1, 0, 1)) is None
 
 
 @pytest.mark.parametrize(("key", "java"), [
@@ -163,8 +203,9 @@ VALUES = {Kind.STATS: kh.stats, Kind.ALERTS: kh.alert, Kind.NOTIFICATIONS: kh.no
 def test_router_refuses_a_value_for_another_user(kind: Kind, unit_settings: Settings) -> None:
     """For every kind, a record whose key and value name different users is not deliverable."""
     stats = BridgeStats()
-    router = Router(unit_settings, Registry(max_per_user=3, alerts_topic="a",
-                                            notifications_topic="n"), stats, ManualClock())
+    registry = Registry(max_per_user=3, alerts_topic="a", notifications_topic="n",
+                        apikeys_topic="k")
+    router = Router(unit_settings, registry, stats, ManualClock())
     value = VALUES[kind]("alice")
     routed = router.prepare(kind, b"alice", value, 7)
     assert routed is not None and routed.user_id == "alice"
@@ -176,12 +217,65 @@ def test_router_refuses_a_value_for_another_user(kind: Kind, unit_settings: Sett
 
 def test_router_broadcasts_only_a_system_notification(unit_settings: Settings) -> None:
     stats = BridgeStats()
-    router = Router(unit_settings, Registry(max_per_user=3, alerts_topic="a",
-                                            notifications_topic="n"), stats, ManualClock())
+    registry = Registry(max_per_user=3, alerts_topic="a", notifications_topic="n",
+                        apikeys_topic="k")
+    router = Router(unit_settings, registry, stats, ManualClock())
     routed = router.prepare(Kind.NOTIFICATIONS, b"*", kh.notification("*"), 1)
     assert routed is not None and routed.mode is Mode.BROADCAST
     assert router.prepare(Kind.NOTIFICATIONS, b"alice", kh.notification("*"), 2) is None
     assert stats.decode_errors == 1
+
+
+def test_router_frames_each_kind_of_notification_message(unit_settings: Settings) -> None:
+    """A notification, a read and a delete each have their own frame, all with a cursor; a
+    delete is never mistaken for a read (kind "delete" → `notification_deleted`)."""
+    router = Router(unit_settings, Registry(max_per_user=3, alerts_topic="a",
+                                            notifications_topic="n", apikeys_topic="k"),
+                    BridgeStats(), ManualClock(5.0))
+    at = kh.T0.isoformat()
+    values = {
+        "new_notification": kh.notification("alice"),
+        "notification_read": msgspec.json.encode(
+            {"kind": "read", "notification_id": "n1", "user_id": "alice", "read": True,
+             "at": at}),
+        "notification_deleted": msgspec.json.encode(
+            {"kind": "delete", "notification_id": "n1", "user_id": "alice", "at": at}),
+    }
+    for offset, (event, value) in enumerate(values.items()):
+        routed = router.prepare(Kind.NOTIFICATIONS, b"alice", value, offset, origin="c9")
+        assert routed is not None and routed.mode is Mode.CURSOR, event
+        assert (routed.cursor_topic, routed.offset, routed.origin) == (
+            CURSOR_NOTIFICATIONS, offset, "c9")
+        frame, data = decode_server_frame(f'{routed.prefix}"cursor":"c","seq":1}}')
+        assert frame.event == event
+        assert event in CURSOR_EVENTS and SERVER_EVENTS[event] is type(data)
+    assert routed is not None
+    deleted = decode_server_frame(f'{routed.prefix}"cursor":"c","seq":1}}')[1]
+    assert isinstance(deleted, NotificationDelete) and deleted.notification_id == "n1"
+    # a user's delete of a system-wide notification is that user's own row: not a broadcast
+    assert router.prepare(Kind.NOTIFICATIONS, b"*", values["notification_deleted"], 9) is None
+
+
+def test_router_api_key_update_carries_its_event_and_a_cursor(unit_settings: Settings) -> None:
+    router = Router(unit_settings, Registry(max_per_user=3, alerts_topic="a",
+                                            notifications_topic="n", apikeys_topic="k"),
+                    BridgeStats(), ManualClock(5.0))
+    value = msgspec.json.encode(ApiKeyEvent(
+        action=ApiKeyAction.ROTATED, user_id="alice", api_key_id="k1", service="openai",
+        name="prod", at=kh.T0, event_id="e-1", declared_by=DeclaredBy.SERVICE))
+    routed = router.prepare(Kind.API_KEYS, b"alice", value, 41)
+    assert routed is not None and routed.mode is Mode.CURSOR
+    assert (routed.cursor_topic, routed.offset) == (CURSOR_API_KEYS, 41)
+    frame, update = decode_server_frame(f'{routed.prefix}"cursor":"c","seq":1}}')
+    assert frame.event == "api_key_update" and "api_key_update" in CURSOR_EVENTS
+    assert (update.action, update.event_id, update.declared_by) == ("rotated", "e-1", "service")
+    # a message written before event_id and declared_by existed still routes, as the client's
+    old = msgspec.json.encode({"action": "created", "user_id": "alice", "api_key_id": "k1",
+                               "service": "openai", "name": "", "at": kh.T0.isoformat()})
+    routed = router.prepare(Kind.API_KEYS, b"alice", old, 42)
+    assert routed is not None
+    update = decode_server_frame(f'{routed.prefix}"cursor":"c","seq":1}}')[1]
+    assert (update.event_id, update.declared_by) == ("", "client")
 
 
 def test_one_client_frame_decoder_bounds_nesting() -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 
+import msgspec
 import pytest
 
-from pipeline.alerting import AlertEvaluator, notification_for
+from core import templates
+from core.errors import ConfigError
+from core.settings import load
+from pipeline.alerting import AlertEvaluator, incident_notification, notification_for
 from pipeline.alerting.messages import format_value
 from pipeline.alerting.testing import make_stats
+from pipeline.runner import kafka_flow
 from schemas.alerts import Alert, AlertRule, AlertState, Metric, Op, Severity
 from schemas.notifications import NotificationType
 
@@ -100,3 +107,45 @@ def test_notification_for(state: AlertState, severity: Severity, kind: Notificat
     assert note.user_id == "u1"
     assert note.message == "m"
     assert note == notification_for(alert(state, severity))  # deterministic
+
+
+@pytest.mark.parametrize("metric", [Metric.REQUESTS, Metric.COST_USD, Metric.TOKENS])
+def test_a_usage_rule_firing_is_a_usage_threshold_notification(metric: Metric) -> None:
+    usage = msgspec.structs.replace(alert(AlertState.FIRING, Severity.WARNING), metric=metric,
+                                    threshold=1000.0, value=1500.0, rule_name="Budget")
+    note = notification_for(usage)
+    assert note.template == "usage_threshold"
+    assert note.notification_id == "alert:abc:firing"  # ids do not depend on the wording
+    assert note.type == NotificationType.WARNING
+    assert note.title == "openai: usage threshold reached (Budget)"
+    assert note.message == f"{metric} reached 1500 in one window (your threshold: > 1000)."
+    assert note.data["value"] == "1500"
+    assert note.data["threshold"] == "1000"
+    resolved = notification_for(msgspec.structs.replace(usage, state=AlertState.RESOLVED,
+                                                        resolved_at=usage.fired_at))
+    assert resolved.template == "alert_resolved"
+
+
+def test_notifications_are_worded_by_the_registry_given(tmp_path: Path) -> None:
+    raw = json.loads((Path(templates.__file__).parent.parent / "schemas"
+                      / "notification_templates.json").read_text())
+    raw["alert_firing"]["title"] = "ALERT {rule_name} on {service}"
+    raw["provider_incident"]["body"] = "{users} users, {service}"
+    path = tmp_path / "templates.json"
+    path.write_text(json.dumps(raw))
+    registry = templates.load(path)
+    note = notification_for(alert(AlertState.FIRING, Severity.CRITICAL), registry)
+    assert note.title == "ALERT Errors on openai"
+    assert note.data["alert_id"] == "abc"
+    incident = incident_notification("openai", 0, 10_000, 4, registry)
+    assert incident.message == "4 users, openai"
+    assert incident.notification_id == "provider_incident:openai:0"
+
+
+def test_the_pipeline_does_not_start_with_invalid_templates(tmp_path: Path) -> None:
+    path = tmp_path / "templates.json"
+    path.write_text('{"alert_firing": {"type": "info", "title": "{nope}", "body": "",'
+                    ' "fields": []}}')
+    settings = load(dev=True, data_dir=tmp_path, notification_templates_file=path)
+    with pytest.raises(ConfigError, match="notification templates"):
+        kafka_flow(settings)  # before it asks Kafka anything

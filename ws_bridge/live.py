@@ -1,0 +1,547 @@
+"""The live tier (DESIGN §9): provisional stats of each open window, pushed once a second.
+
+Final window stats reach a socket about window + lateness after the window starts. Meanwhile,
+for users with a connection subscribed to `stats` (and only them: the feed hands over only
+`usage.events` messages whose key is in `Registry.stats_keys`), this module folds the events
+into one accumulator per (user, service, window) and pushes `usage_stats_update` with
+`"final": false` at most once a second per (user, service) (one frame per window that changed:
+two only around a window boundary); the pipeline's record (`"final": true`) replaces it at
+close.
+
+Work placement:
+- `fold` runs on the Kafka thread (off the event loop): a cheap msgspec decode of the fields
+  it needs (junk is skipped and counted, never raised), event-id dedup in a bounded set per
+  accumulator, counters, and the latencies (the raw values up to RAW_MAX per window, so its
+  percentiles are exact, as the pipeline's are; past that core/sketch.py's bins, ±0.5 %).
+- `finalize` (Kafka thread too, before the final frame is dispatched) drops a window's
+  accumulator once its final record passed and remembers the window, so a late event cannot
+  bring a provisional frame back after the final one.
+- A loop timer (`TICK_S`) takes what is due under the lock, then encodes each frame once
+  (per user, service and window) and offers it to the user's stats connections through the
+  coalescing stats path (`Connection.offer_stats`, same key as the final: a queued
+  provisional frame is replaced by a newer one or by the final), in slices of `SLICE_S` of
+  loop time.
+
+Everything is bounded: services per user (`max_services_per_user`), open windows per
+(user, service), accumulators in all, event ids kept for dedup (per window and in all); a
+window older than window + lateness + MARGIN_S is dropped, and so is every user who no longer
+has a stats-subscribed connection (swept once a second). Provisional figures may differ from
+the final ones: events before the socket connected are not counted, nor are events of a
+window already dropped; duplicates beyond the id bounds are counted twice (the frame then
+says `"deduplicated": false`); late events the pipeline leaves out may be counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Annotated
+
+import msgspec
+
+from core import sketch
+from core.clock import Clock, system_clock
+from core.settings import Settings
+from core.telemetry import Described
+from schemas.events import MIN_TS_MS, SERVICE_PATTERN
+from schemas.stats import StatsRecord
+from schemas.ws import StatsUpdate
+from ws_bridge.connection import STATS
+from ws_bridge.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.25  # how often the loop checks what is due
+INTERVAL_S = 1.0  # at most one provisional frame per (user, service) per interval
+MARGIN_S = 10.0  # a window is dropped once older than window + lateness + this
+SWEEP_S = 1.0  # how often expired windows and unwatched users are dropped
+SLICE_S = 0.002  # loop time per slice of frame encoding and offering
+RAW_MAX = 256  # raw latencies kept per window (exact percentiles); past it, sketch bins
+MAX_IDS = 16_384  # event ids kept per window for dedup
+MAX_IDS_TOTAL = 500_000  # ... and in all (at most ~30 MB)
+SMALL_IDS = 64  # up to this many a window keeps its ids in an array (8 bytes each), then a set
+MAX_WINDOWS = 8  # open windows per (user, service)
+MAX_ACCUMULATORS = 200_000
+
+Quantiles = tuple[float, float, float]
+
+
+class _Event(msgspec.Struct, gc=False):
+    """The fields of a usage event (DESIGN §1) the live tier counts; the rest is skipped by
+    the decoder. Bounds as the event's schema, so junk is refused here, not counted."""
+
+    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    ts: Annotated[datetime, msgspec.Meta(tz=True)] | int | float
+    user_id: str
+    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    status_code: Annotated[int, msgspec.Meta(ge=100, le=599)]
+    latency_ms: Annotated[float, msgspec.Meta(ge=0, le=3_600_000)]
+    tokens_in: Annotated[int, msgspec.Meta(ge=0, le=2**53)] | None = None
+    tokens_out: Annotated[int, msgspec.Meta(ge=0, le=2**53)] | None = None
+    cost_usd: Annotated[float, msgspec.Meta(ge=0, le=1e12)] | None = None
+
+
+_decode = msgspec.json.Decoder(_Event).decode
+_SERVICE_RE = re.compile(SERVICE_PATTERN)
+
+
+class Window:
+    """What one (user, service, window) has seen so far."""
+
+    __slots__ = ("as_of", "bins", "client_errors", "cost", "deduplicated", "dirty", "ids",
+                 "latencies", "latency_max", "latency_sum", "requests", "server_errors",
+                 "successes", "tokens_in", "tokens_out")
+
+    def __init__(self) -> None:
+        self.requests = self.successes = self.client_errors = self.server_errors = 0
+        self.latency_sum = self.latency_max = 0.0
+        self.latencies: array[float] | None = array("d")  # None once past RAW_MAX
+        self.bins: dict[int, int] | None = None  # core.sketch bin → count, past RAW_MAX
+        self.tokens_in = self.tokens_out = 0
+        self.cost = 0.0
+        # hash(event_id) (64 bits: collisions negligible): a C array scanned while small (a
+        # few dozen bytes, against 216+ for an empty set and 36 per int in one), then a set
+        self.ids: array[int] | set[int] = array("q")
+        self.deduplicated = True
+        self.as_of = 0  # newest event time counted, epoch ms
+        self.dirty = False  # changed since its last frame
+
+    def add_latency(self, latency: float) -> None:
+        latencies = self.latencies
+        if latencies is not None:
+            latencies.append(latency)
+            if len(latencies) <= RAW_MAX:
+                return
+            counts: dict[int, int] = {}
+            for value in latencies:
+                key = sketch.bin_of(value)
+                counts[key] = counts.get(key, 0) + 1
+            self.bins = counts
+            self.latencies = None
+            return
+        bins = self.bins
+        assert bins is not None
+        key = sketch.bin_of(latency)
+        bins[key] = bins.get(key, 0) + 1
+
+    def quantiles(self) -> Quantiles:
+        """p50, p95, p99 by nearest rank: exact from the raw values, else from the bins."""
+        latencies = self.latencies
+        if latencies is not None:
+            ordered = sorted(latencies)
+            n = len(ordered)
+            return (ordered[max(0, math.ceil(0.50 * n) - 1)],
+                    ordered[max(0, math.ceil(0.95 * n) - 1)],
+                    ordered[max(0, math.ceil(0.99 * n) - 1)])
+        bins = self.bins
+        assert bins is not None
+        keys = sorted(bins)
+        counts = [bins[k] for k in keys]
+        top = self.latency_max
+        return (sketch.quantile(keys, counts, 0.50, top) or 0.0,
+                sketch.quantile(keys, counts, 0.95, top) or 0.0,
+                sketch.quantile(keys, counts, 0.99, top) or 0.0)
+
+
+class Series:
+    """One (user, service): its open windows and when its last frame went out."""
+
+    __slots__ = ("final_floor", "last_emit", "pending", "service", "user_id", "windows")
+
+    def __init__(self, user_id: str, service: str) -> None:
+        self.user_id = user_id
+        self.service = service
+        self.windows: dict[int, Window] = {}  # window start (epoch ms) → accumulator
+        self.last_emit = -math.inf  # tick time of its last frame
+        self.final_floor = -1  # start (ms) of the newest window whose final record passed
+        self.pending = False  # in LiveTier._pending
+
+
+class Due:
+    """A provisional frame to send: a window's figures, copied under the lock at a tick
+    (the frame is built and encoded later, off the lock)."""
+
+    __slots__ = ("as_of", "client_errors", "cost", "deduplicated", "latency_max",
+                 "latency_sum", "quantiles", "requests", "series", "server_errors", "start_ms",
+                 "successes", "tokens_in", "tokens_out")
+
+    def __init__(self, series: Series, start_ms: int, window: Window) -> None:
+        self.series = series
+        self.start_ms = start_ms
+        self.requests = window.requests
+        self.successes = window.successes
+        self.client_errors = window.client_errors
+        self.server_errors = window.server_errors
+        self.latency_sum = window.latency_sum
+        self.latency_max = window.latency_max
+        self.quantiles = window.quantiles()
+        self.tokens_in = window.tokens_in
+        self.tokens_out = window.tokens_out
+        self.cost = window.cost
+        self.as_of = window.as_of
+        self.deduplicated = window.deduplicated
+
+
+class LiveTier:
+    """Provisional per-window stats for the users watching `stats` on this bridge."""
+
+    def __init__(self, settings: Settings, registry: Registry, clock: Clock = system_clock, *,
+                 tick: float = TICK_S, interval: float = INTERVAL_S,
+                 margin: float = MARGIN_S) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.tick = tick
+        self.interval = interval
+        self.window_ms = settings.window_seconds * 1000
+        # windows whose start is at or before now - horizon are dropped (and not counted)
+        self.horizon_ms = self.window_ms + int((settings.allowed_lateness_seconds + margin) * 1000)
+        self.skew_ms = settings.max_clock_skew_seconds * 1000
+        self.max_services = settings.max_services_per_user
+        self.lock = threading.Lock()
+        self._users: dict[bytes, dict[str, Series]] = {}
+        self._pending: set[Series] = set()  # series with a changed window
+        self._bounds: dict[int, tuple[datetime, datetime]] = {}
+        self._next_sweep = 0.0
+        self._backlog: deque[Due] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.Handle | None = None
+        self._tick_at = 0.0  # loop time of the next tick
+        self._draining = False
+        # counters (`counters()`); accumulators and ids are gauges
+        self.events = 0
+        self.duplicates = 0
+        self.invalid = 0
+        self.late = 0
+        self.overflow = 0
+        self.frames = 0
+        self.accumulators = 0
+        self.ids = 0
+
+    # -- Kafka thread -----------------------------------------------------------------
+
+    def fold(self, messages: Iterable[tuple[bytes, bytes]]) -> None:
+        """Count `usage.events` messages (key, value) of watched users into their windows."""
+        now_ms = int(self.clock() * 1000)
+        oldest = now_ms - self.horizon_ms  # a window starting at or before this is gone
+        newest_ts = now_ms + self.skew_ms  # the pipeline refuses events further ahead
+        window_ms = self.window_ms
+        users = self._users
+        pending = self._pending
+        with self.lock:
+            for key, value in messages:
+                try:
+                    event = _decode(value)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    self.invalid += 1
+                    continue
+                ts = event.ts
+                if ts.__class__ is int:
+                    ts_ms: int = ts  # type: ignore[assignment]
+                elif ts.__class__ is float:
+                    ts_ms = int(ts)  # type: ignore[arg-type]
+                else:
+                    ts_ms = int(ts.timestamp() * 1000)  # type: ignore[union-attr]
+                if not MIN_TS_MS <= ts_ms <= newest_ts:
+                    self.invalid += 1
+                    continue
+                start = ts_ms - ts_ms % window_ms
+                if start <= oldest:
+                    self.late += 1
+                    continue
+                services = users.get(key)
+                if services is None:
+                    if event.user_id.encode() != key:
+                        self.invalid += 1
+                        continue
+                    services = users[key] = {}
+                series = services.get(event.service)
+                if series is None:
+                    series = self._new_series(services, key, event.user_id, event.service)
+                    if series is None:
+                        continue
+                elif event.user_id != series.user_id:
+                    self.invalid += 1
+                    continue
+                if start <= series.final_floor:
+                    self.late += 1
+                    continue
+                window = series.windows.get(start)
+                if window is None:
+                    if (len(series.windows) >= MAX_WINDOWS
+                            or self.accumulators >= MAX_ACCUMULATORS):
+                        self.overflow += 1
+                        continue
+                    window = series.windows[start] = Window()
+                    self.accumulators += 1
+                digest = hash(event.event_id)
+                ids = window.ids
+                if digest in ids:
+                    self.duplicates += 1
+                    continue
+                if len(ids) < MAX_IDS and self.ids < MAX_IDS_TOTAL:
+                    if isinstance(ids, set):
+                        ids.add(digest)
+                    else:
+                        ids.append(digest)
+                        if len(ids) > SMALL_IDS:
+                            window.ids = set(ids)
+                    self.ids += 1
+                else:
+                    window.deduplicated = False
+                self.events += 1
+                window.requests += 1
+                status = event.status_code
+                if status < 400:
+                    window.successes += 1
+                elif status < 500:
+                    window.client_errors += 1
+                else:
+                    window.server_errors += 1
+                latency = event.latency_ms
+                window.latency_sum += latency
+                if latency > window.latency_max:
+                    window.latency_max = latency
+                window.add_latency(latency)
+                if event.tokens_in:
+                    window.tokens_in += event.tokens_in
+                if event.tokens_out:
+                    window.tokens_out += event.tokens_out
+                if event.cost_usd:
+                    window.cost += event.cost_usd
+                if ts_ms > window.as_of:
+                    window.as_of = ts_ms
+                window.dirty = True
+                if not series.pending:
+                    series.pending = True
+                    pending.add(series)
+
+    def _new_series(self, services: dict[str, Series], key: bytes, user_id: str,
+                    service: str) -> Series | None:
+        """A new (user, service), or None (counted) past the bounds or for a bad name."""
+        if user_id.encode() != key:  # the message's key names another user than its value
+            self.invalid += 1
+            return None
+        if not _SERVICE_RE.fullmatch(service):
+            self.invalid += 1
+            return None
+        if len(services) >= self.max_services:
+            self.overflow += 1
+            return None
+        series = services[service] = Series(user_id, service)
+        return series
+
+    def finalize(self, finals: Iterable[tuple[str, str, int]]) -> None:
+        """Final records (user_id, service, window start in epoch seconds) passed: their
+        windows (and older ones) are dropped, and later events for them are not counted.
+        Called before the final frames are dispatched, so a provisional frame taken after
+        this is never sent after the final one (`_deliver` checks the floor too)."""
+        with self.lock:
+            for user_id, service, window_s in finals:
+                key = user_id.encode()
+                services = self._users.get(key)
+                if services is None:
+                    services = self._users[key] = {}
+                series = services.get(service)
+                if series is None:
+                    series = self._new_series(services, key, user_id, service)
+                    if series is None:
+                        continue
+                start = window_s * 1000
+                if start > series.final_floor:
+                    series.final_floor = start
+                for old in [s for s in series.windows if s <= start]:
+                    self._drop_window(series, old)
+
+    def _drop_window(self, series: Series, start: int) -> None:
+        window = series.windows.pop(start)
+        self.accumulators -= 1
+        self.ids -= len(window.ids)
+
+    # -- event loop -------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the timer on `loop` until `stop()`."""
+        self._loop = loop
+        self._tick_at = loop.time() + self.tick
+        self._timer = loop.call_at(self._tick_at, self._on_tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._backlog.clear()
+
+    def _on_tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        # the next tick on schedule, or now if this one came late (uvloop hands back a plain
+        # Handle, without `when()`, for a time already past)
+        self._tick_at = max(self._tick_at + self.tick, loop.time())
+        self._timer = loop.call_at(self._tick_at, self._on_tick)
+        if self._backlog:  # the last tick's frames are still going out: they go first
+            return
+        # on the tick grid, so frames of one series are at least `interval` apart exactly
+        now = math.floor(self.clock() / self.tick) * self.tick
+        try:
+            self._backlog.extend(self.collect(now))
+        except Exception:  # the timer must survive a bug in one tick
+            logger.exception("live tier tick failed")
+            return
+        if self._backlog and not self._draining:
+            self._draining = True
+            loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Encode and offer due frames for `SLICE_S`, then yield to the loop."""
+        backlog = self._backlog
+        deadline = time.perf_counter() + SLICE_S
+        ts_ms = int(self.clock() * 1000)
+        try:
+            while backlog:
+                for _ in range(min(32, len(backlog))):
+                    self.deliver(backlog.popleft(), ts_ms)
+                if time.perf_counter() >= deadline:
+                    break
+        except Exception:  # one bad frame must not stop the tier: it is dropped
+            logger.exception("live tier: a provisional frame failed")
+        if backlog and self._loop is not None:
+            self._loop.call_soon(self._drain)
+        else:
+            self._draining = False
+
+    def collect(self, now: float) -> list[Due]:
+        """What is due at `now` (seconds): per pending (user, service) whose last update is
+        at least `interval` old, a frame per changed window, oldest first (two only around
+        a window boundary, while the previous window still takes in-flight events: both go
+        in the same update, so neither waits). Sweeps once every SWEEP_S."""
+        due: list[Due] = []
+        with self.lock:
+            if now >= self._next_sweep:
+                self._sweep(now)
+                self._next_sweep = now + SWEEP_S
+            pending = self._pending
+            interval = self.interval
+            done: list[Series] = []
+            for series in pending:
+                if now - series.last_emit < interval:
+                    continue
+                done.append(series)
+                changed = [start for start, window in series.windows.items() if window.dirty]
+                if not changed:
+                    continue
+                series.last_emit = now
+                for start in sorted(changed):
+                    window = series.windows[start]
+                    window.dirty = False
+                    due.append(Due(series, start, window))
+            for series in done:
+                series.pending = False
+                pending.discard(series)
+        return due
+
+    def update(self, due: Due) -> StatsUpdate:
+        """The `usage_stats_update` data of a due frame (the stats record's fields)."""
+        series = due.series
+        start = due.start_ms
+        bounds = self._bounds.get(start)
+        if bounds is None:
+            if len(self._bounds) >= 64:
+                self._bounds.clear()
+            bounds = self._bounds[start] = (
+                datetime.fromtimestamp(start / 1000, tz=UTC),
+                datetime.fromtimestamp((start + self.window_ms) / 1000, tz=UTC))
+        requests = due.requests
+        p50, p95, p99 = due.quantiles
+        return StatsUpdate(
+            user_id=series.user_id, service=series.service, window_start=bounds[0],
+            window_end=bounds[1], window_seconds=self.window_ms // 1000, requests=requests,
+            successes=due.successes, client_errors=due.client_errors,
+            server_errors=due.server_errors, success_rate=due.successes / requests,
+            error_rate=(due.client_errors + due.server_errors) / requests,
+            server_error_rate=due.server_errors / requests,
+            latency_avg_ms=due.latency_sum / requests, latency_p50_ms=p50,
+            latency_p95_ms=p95, latency_p99_ms=p99, latency_max_ms=due.latency_max,
+            tokens_in=due.tokens_in, tokens_out=due.tokens_out,
+            cost_usd=round(due.cost, 9), latency_sum_ms=due.latency_sum, final=False,
+            as_of=datetime.fromtimestamp(due.as_of / 1000, tz=UTC),
+            deduplicated=due.deduplicated)
+
+    def deliver(self, due: Due, ts_ms: int) -> None:
+        """Encode one due frame once and offer it to the user's stats connections, unless
+        the window's final record passed meanwhile (the final frame must stay the last)."""
+        series = due.series
+        if due.start_ms <= series.final_floor:
+            return
+        conns = self.registry.by_user.get(series.user_id)
+        if not conns:
+            return
+        # frame_prefix's output, with the data encoded once and no second pass over it
+        prefix = f'{_HEAD}{_encode(self.update(due)).decode()},"ts":{ts_ms},'
+        key = (series.service, due.start_ms // 1000)
+        self.frames += 1
+        for conn in conns:
+            if conn.channels & STATS:
+                conn.offer_stats(prefix, key)
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired windows, and the state of users nobody here watches any more
+        (under the lock; `stats_keys` is the loop's own, read without its lock)."""
+        watched = self.registry.stats_keys
+        oldest = int(now * 1000) - self.horizon_ms
+        pending = self._pending
+        for key, services in list(self._users.items()):
+            if key not in watched:
+                for series in services.values():
+                    for start in list(series.windows):
+                        self._drop_window(series, start)
+                    if series.pending:
+                        series.pending = False
+                        pending.discard(series)
+                del self._users[key]
+                continue
+            for service, series in list(services.items()):
+                for start in [s for s in series.windows if s <= oldest]:
+                    self._drop_window(series, start)
+                if (not series.windows and not series.pending and series.final_floor <= oldest
+                        and now - series.last_emit >= self.interval):
+                    del services[service]
+            if not services:
+                del self._users[key]
+
+    def counters(self) -> dict[str, int]:
+        """For `/metrics` (prefixed `live_`): events counted, duplicates, invalid, late and
+        over-bound events skipped, provisional frames, open accumulators, event ids kept."""
+        return {"live_events": self.events, "live_duplicates": self.duplicates,
+                "live_invalid": self.invalid, "live_late": self.late,
+                "live_overflow": self.overflow, "live_frames": self.frames,
+                "live_accumulators": self.accumulators, "live_ids": self.ids}
+
+
+LIVE_DESCRIBED: Described = {
+    "live_events": ("counter", "usage events counted into provisional windows"),
+    "live_duplicates": ("counter", "usage events counted once already (same event_id)"),
+    "live_invalid": ("counter", "usage events the live tier refused (not an event, key/value "
+                                "user mismatch, bad service name, ts out of range)"),
+    "live_late": ("counter", "usage events of a window already final or dropped"),
+    "live_overflow": ("counter", "usage events not counted: a live-tier bound was hit"),
+    "live_frames": ("counter", "provisional stats frames built"),
+    "live_accumulators": ("gauge", "open provisional windows"),
+    "live_ids": ("gauge", "event ids kept for deduplication"),
+}
+
+_encode = msgspec.json.Encoder().encode
+_HEAD = '{"event":"usage_stats_update","data":'
+
+
+def final_body(record: StatsRecord) -> msgspec.Raw:
+    """A final record's `usage_stats_update` data: the record with `"final":true` (its
+    fields as encoded, so no conversion to `StatsUpdate`)."""
+    return msgspec.Raw(_encode(record)[:-1] + b',"final":true}')
