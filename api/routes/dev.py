@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 from clickhouse_connect.driver.exceptions import OperationalError
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from api.analytics import QUERY_SETTINGS
@@ -28,8 +28,6 @@ from api.responses import MsgspecResponse, described, failures
 from core.auth import AuthError, mint_token
 from core.clock import Clock
 from core.errors import ServiceError
-
-router = APIRouter(prefix="/v1/dev", tags=["dev"])
 
 DEV_TOKEN_TTL_SECONDS = 8 * 3600  # a working day; the page signs in again after it
 USERS_LOOKBACK_MS = 3_600_000
@@ -72,6 +70,10 @@ def _dev_only(settings: SettingsDep, request: Request) -> None:
         raise APIError(403, "forbidden", "dev sign-in is for pages of this server's origin")
 
 
+# Checked before anything else the routes depend on (the store, the body): outside dev mode
+# the routes answer 404 and touch nothing.
+router = APIRouter(prefix="/v1/dev", tags=["dev"], dependencies=[Depends(_dev_only)])
+
 _NOT_DEV = "dev mode is off (`KEYPULSE_DEV` unset): the route does not exist"
 _OTHER_ORIGIN = "called from a browser page of another origin"
 
@@ -85,7 +87,6 @@ def token(body: TokenRequest, settings: SettingsDep, request: Request) -> Msgspe
     """A token for `user_id` with role `role`, living DEV_TOKEN_TTL_SECONDS (8 h), signed with
     the configured secret. Only in dev mode, whose secret is public anyway: this is the
     dashboard's "sign in as a demo user" (docs/dashboard.md)."""
-    _dev_only(settings, request)
     clock: Clock = request.app.state.clock
     roles: list[str] = [body.role]
     try:
@@ -111,7 +112,6 @@ def users(settings: SettingsDep, request: Request, client: ClickHouseDep,
                                       examples=[8])] = 8) -> MsgspecResponse:
     """The users with the most requests in the windows of the last hour, busiest first (the
     ones `keypulse gen` sends for), so the dev sign-in can offer them. Dev mode only."""
-    _dev_only(settings, request)
     clock: Clock = request.app.state.clock
     since_ms = int(clock() * 1000) - USERS_LOOKBACK_MS
     try:

@@ -33,6 +33,8 @@ let unauthorized = () => {};
 export function onUnauthorized(handler) { unauthorized = handler; }
 
 export async function api(method, path, body, headers = {}) {
+  // Signed out (a timer or a late handler): nothing to send, and no 401 to provoke.
+  if (!session.token) throw new ApiError(401, null);
   const response = await fetch(path, {
     method,
     headers: { Authorization: `Bearer ${session.token}`, ...(body ? { "Content-Type": "application/json" } : {}), ...headers },

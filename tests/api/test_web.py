@@ -92,8 +92,9 @@ def test_dev_token_refuses_bad_input_and_other_origins(client: TestClient) -> No
 
 
 def test_dev_routes_do_not_exist_outside_dev_mode(tmp_path: Path) -> None:
+    # a server nobody answers: an embedded store opened here would stay open for the process
     settings = load(dev=False, jwt_secret="x" * 40, data_dir=tmp_path,
-                    kafka_bootstrap="127.0.0.1:1")
+                    kafka_bootstrap="127.0.0.1:1", clickhouse_dsn="http://127.0.0.1:1/keypulse")
     with TestClient(create_app(settings)) as client:
         assert client.post("/v1/dev/token", json={"user_id": "u"}).status_code == 404
         assert client.get("/v1/dev/users").status_code == 404
