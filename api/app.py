@@ -68,11 +68,13 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
     bridge and the pipeline beside it. Refuses (ConfigError) a missing or placeholder JWT
     secret outside dev mode, before anything is served."""
     settings.jwt_key  # noqa: B018 - raises before a request is ever answered
+    process = telemetry or Telemetry()  # /readyz, /metrics, the system snapshots
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            stack.enter_context(admin.store_registered(settings))  # for a bridge beside us
+            # the process's snapshots measure our store, for a bridge beside us too
+            stack.enter_context(admin.store_registered(settings, process.system))
             for part in lifespans:
                 await stack.enter_async_context(part(app))
             yield
@@ -84,8 +86,8 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
     app.state.settings = settings
     app.state.clock = clock
     app.state.health_checks = tuple(health_checks)
-    app.state.telemetry = telemetry = telemetry or Telemetry()  # /readyz, /metrics
-    app.add_middleware(HttpLatency, telemetry=telemetry)  # core.telemetry
+    app.state.telemetry = process
+    app.add_middleware(HttpLatency, telemetry=process)  # core.telemetry
     app.state.templates = templates.load(settings.notification_templates_file)  # checked now
     errors.install(app)
     openapi.install(app, security_schemes=clickhouse.SECURITY_SCHEMES)

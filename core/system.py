@@ -1,7 +1,7 @@
 """The system snapshot (schemas/system.py): one builder for `GET /v1/admin/system` and the
 WebSocket's `system_stats`, so both say the same thing.
 
-    snapshot = SYSTEM.snapshot(settings, now=clock(), store=Store(key, read))
+    snapshot = telemetry.system.snapshot(settings, now=clock(), store=Store(key, read))
 
 What a section needs, and where it comes from:
 
@@ -108,8 +108,9 @@ class _Cached:
 
 
 class SystemSnapshots:
-    """Builds snapshots; one per process (`SYSTEM`), so rates and caches are shared by
-    whoever asks."""
+    """Builds snapshots. The process's `core.telemetry.Telemetry` holds one (made by the
+    command that starts the process and handed to the API and the bridge), so rates and caches
+    are shared by whoever asks in that process."""
 
     def __init__(self, *, monotonic: Callable[[], float] = time.monotonic,
                  kafka_timeout: float = KAFKA_TIMEOUT_S) -> None:
@@ -446,6 +447,3 @@ def _first_line(exc: BaseException) -> str:
         return str(first.str())[:300]
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
-
-
-SYSTEM = SystemSnapshots()

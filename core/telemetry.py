@@ -44,6 +44,7 @@ from prometheus_client.metrics_core import (
 from core import metrics
 from core.errors import ServiceError
 from core.settings import Settings
+from core.system import SystemSnapshots
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -117,6 +118,7 @@ class Telemetry:
             ProcessCollector(registry=self.registry)
         self.registry.register(PartsCollector())
         self.readiness = tuple(readiness)
+        self.system = SystemSnapshots()  # GET /v1/admin/system and system_stats (core.system)
         self._http: Histogram | None = None
         self._lock = threading.Lock()
 

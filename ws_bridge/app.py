@@ -94,7 +94,8 @@ class Bridge:
         )
         self.fanout = Router(settings, self.registry, self.stats, clock)
         self.live = LiveTier(settings, self.registry, clock)  # DESIGN §9, fed by the feed
-        self.monitor = Monitor(settings, self.registry, clock, interval=monitor_interval)
+        self.monitor = Monitor(settings, self.registry, clock, self.telemetry.system,
+                               interval=monitor_interval)
         self.producer: BridgeProducer | None = None
         self.feed: Feed | None = None
         self.sink: Sink | None = sink  # kafka=False: where client events go (tests)

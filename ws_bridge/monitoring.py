@@ -2,10 +2,10 @@
 the connection's current token has the admin role).
 
 The frame carries the system snapshot (schemas/system.py) that `GET /v1/admin/system`
-answers, built by the same builder (core.system.SYSTEM): connections and the bridge's
-counters come from the `ws` provider the bridge registers, the rest as the builder finds it
-in this process (`keypulse ws` has no ClickHouse: that section is null, with its reason).
-What blocks (ClickHouse, Kafka's log ends) is measured in a worker thread before each
+answers, built by the same builder (the process's core.telemetry.Telemetry.system):
+connections and the bridge's counters come from the `ws` provider the bridge registers, the
+rest as the builder finds it in this process (`keypulse ws` has no ClickHouse: that section
+is null, with its reason). What blocks (ClickHouse, Kafka's log ends) is measured in a worker thread before each
 round, never on the event loop; the frame itself uses the figures measured last.
 """
 
@@ -18,7 +18,7 @@ import logging
 from core.auth import ADMIN_ROLE
 from core.clock import Clock
 from core.settings import Settings
-from core.system import NOT_MEASURED, SYSTEM, SystemSnapshots
+from core.system import NOT_MEASURED, SystemSnapshots
 from schemas.system import SystemSnapshot
 from schemas.ws import frame_prefix
 from ws_bridge.registry import Registry
@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 class Monitor:
-    def __init__(self, settings: Settings, registry: Registry, clock: Clock, *,
-                 interval: float = 5.0, snapshots: SystemSnapshots = SYSTEM) -> None:
+    def __init__(self, settings: Settings, registry: Registry, clock: Clock,
+                 snapshots: SystemSnapshots, *, interval: float = 5.0) -> None:
         self.settings = settings
         self.registry = registry
         self.clock = clock

@@ -27,7 +27,7 @@ from api.responses import MsgspecResponse, described, failures
 from core.clickhouse import shared_client
 from core.clock import Clock
 from core.settings import Settings
-from core.system import SYSTEM, Store, StoreFigures
+from core.system import Store, StoreFigures, SystemSnapshots
 from schemas.system import (
     ClickHouseStats,
     KafkaSource,
@@ -79,15 +79,15 @@ def store(settings: Settings, client: Callable[[], Client]) -> Store:
 
 
 @contextlib.contextmanager
-def store_registered(settings: Settings) -> Iterator[None]:
-    """While the app serves: this process's snapshot (a bridge's `system_stats` beside the
-    API included) measures the API's ClickHouse."""
+def store_registered(settings: Settings, snapshots: SystemSnapshots) -> Iterator[None]:
+    """While the app serves: this process's snapshots (a bridge's `system_stats` beside the
+    API included) measure the API's ClickHouse."""
     registered = store(settings, functools.partial(shared_client, settings))
-    SYSTEM.register_store(registered)
+    snapshots.register_store(registered)
     try:
         yield
     finally:
-        SYSTEM.unregister_store(registered)
+        snapshots.unregister_store(registered)
 
 
 def _example_snapshot() -> dict[str, Any]:
@@ -138,7 +138,8 @@ def system(_user: AdminDep, request: Request, client: ClickHouseDep,
     A section this process cannot measure is `null`, with the reason in `unavailable`. The
     WebSocket's `system_stats` carries the same snapshot."""
     clock: Clock = request.app.state.clock
-    snapshot = SYSTEM.snapshot(settings, now=clock(), store=store(settings, lambda: client))
+    snapshots: SystemSnapshots = request.app.state.telemetry.system
+    snapshot = snapshots.snapshot(settings, now=clock(), store=store(settings, lambda: client))
     return MsgspecResponse(snapshot)
 
 

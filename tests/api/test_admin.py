@@ -26,7 +26,8 @@ from core import metrics, system
 from core.clock import ManualClock
 from core.kafka import producer_config
 from core.settings import Settings
-from core.system import SYSTEM, SystemSnapshots
+from core.system import SystemSnapshots
+from core.telemetry import Telemetry
 from core.topics import USAGE_EVENTS
 from infra.clickhouse.migrate import migrate
 from pipeline.metrics import PipelineMetrics
@@ -303,13 +304,15 @@ def test_system_stats_on_the_websocket_are_the_http_answer(
     bridge's `system_stats` carries the fields `GET /v1/admin/system` answers, its
     connections included, and the store the API measures."""
     migrate(clickhouse_engine, api_settings)
-    bridge = create_bridge(api_settings, kafka=False, monitor_interval=0.2)
+    telemetry = Telemetry(process_metrics=False)  # one per process, as `keypulse run` makes it
+    bridge = create_bridge(api_settings, kafka=False, monitor_interval=0.2, telemetry=telemetry)
     app = create_app(api_settings, routers=[bridge.router], lifespans=[bridge.lifespan],
-                     clock=clock)
+                     clock=clock, telemetry=telemetry)
     app.dependency_overrides[get_clickhouse] = lambda: clickhouse_engine
     measured = admin.store(api_settings, lambda: clickhouse_engine)
     with LiveServer(app) as server:
-        SYSTEM.register_store(measured)  # the lifespan's would open the settings' own engine
+        # the lifespan's registration would open the settings' own engine: ours instead
+        telemetry.system.register_store(measured)
         try:
             url = server.url.replace("http://", "ws://") + "/ws"
 
@@ -331,7 +334,7 @@ def test_system_stats_on_the_websocket_are_the_http_answer(
             answer = httpx.get(f"{server.url}/v1/admin/system", headers=_admin(token),
                                timeout=10).json()
         finally:
-            SYSTEM.unregister_store(measured)
+            telemetry.system.unregister_store(measured)
     assert set(answer) == set(pushed) == FIELDS
     assert answer["websocket"] is not None and answer["clickhouse"] is not None
     answer.pop("unavailable"), pushed.pop("unavailable")  # reasons: rates may differ in time
