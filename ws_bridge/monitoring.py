@@ -5,8 +5,9 @@ The frame carries the system snapshot (schemas/system.py) that `GET /v1/admin/sy
 answers, built by the same builder (the process's core.telemetry.Telemetry.system):
 connections and the bridge's counters come from the `ws` provider the bridge registers, the
 rest as the builder finds it in this process (`keypulse ws` has no ClickHouse: that section
-is null, with its reason). What blocks (ClickHouse, Kafka's log ends) is measured in a worker thread before each
-round, never on the event loop; the frame itself uses the figures measured last.
+is null, with its reason). What blocks (ClickHouse, Kafka's log ends) is measured in a worker
+thread before each round, never on the event loop; the frame itself uses the figures measured
+last.
 """
 
 from __future__ import annotations
