@@ -63,8 +63,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(settings, routers=[bridge.router],
                      lifespans=[pipeline_lifespan, bridge.lifespan],
                      health_checks=[pipeline.problem], telemetry=telemetry)
-    print(f"keypulse: HTTP http://{host}:{port}/healthz  readiness http://{host}:{port}/readyz  "
-          f"metrics http://{host}:{port}/metrics  WebSocket ws://{host}:{port}/ws  "
+    base = f"http://{host}:{port}"
+    print(f"keypulse: dashboard {base}/  health {base}/healthz  readiness {base}/readyz  "
+          f"metrics {base}/metrics  WebSocket ws://{host}:{port}/ws  "
           f"ClickHouse {redact(settings.dsn)}", flush=True)
     code = serve(app, settings, host=host, port=port, access_log=False, watch=pipeline_died,
                  **UVICORN_WS_OPTIONS)
