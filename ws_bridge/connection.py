@@ -191,8 +191,10 @@ class Connection:
         else:
             self.pos_k = max(self.pos_k, offset + 1)
 
-    def offer_stats(self, prefix: str, key: tuple[str, int]) -> None:
-        """A stats update: replaces a queued update of the same (service, window)."""
+    def offer_stats(self, prefix: str, key: tuple[str, int], *, flush: bool = True) -> None:
+        """A stats update: replaces a queued update of the same (service, window).
+        `flush=False` only queues it: the caller offers a few, then calls `flush()` once
+        (one socket write for all of them)."""
         if self.state >= _CLOSING:
             return
         pending = self.pending_stats
@@ -207,7 +209,7 @@ class Connection:
             return
         pending[key] = prefix
         self.queue.append(key)
-        if self.state is _OPEN:
+        if flush and self.state is _OPEN:
             self.flush()
 
     def offer_broadcast(self, prefix: str) -> bool:

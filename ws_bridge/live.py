@@ -16,11 +16,17 @@ Work placement:
 - `finalize` (Kafka thread too, before the final frame is dispatched) drops a window's
   accumulator once its final record passed and remembers the window, so a late event cannot
   bring a provisional frame back after the final one.
-- A loop timer (`TICK_S`) takes what is due under the lock, then encodes each frame once
-  (per user, service and window) and offers it to the user's stats connections through the
-  coalescing stats path (`Connection.offer_stats`, same key as the final: a queued
-  provisional frame is replaced by a newer one or by the final), in slices of `SLICE_S` of
-  loop time.
+- A loop timer (`TICK_S`) lists the users with a due (user, service) under the lock; then,
+  in slices of `SLICE_S` of loop time, it takes a few dozen of them at a time under the lock
+  (their figures as they are then, not as at the tick: a backlog does not make frames stale),
+  encodes each frame once (per user, service and window) and offers a user's frames to
+  their stats connections through the coalescing stats path (`Connection.offer_stats`, same
+  key as the final: a queued provisional frame is replaced by a newer one or by the final),
+  one socket write per connection. A user's services whose last update is as old go along
+  with the due one, so their rhythm becomes the user's.
+- `fold` holds the lock per chunk of `FOLD_CHUNK` events and pauses between chunks while
+  the loop waits for it: the lock (and the GIL) would otherwise go back to the Kafka thread
+  at once, for a whole batch, and the loop would take only a slice per batch.
 
 Everything is bounded: services per user (`max_services_per_user`), open windows per
 (user, service), accumulators in all, event ids kept for dedup (per window and in all); a
@@ -41,7 +47,7 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -64,6 +70,8 @@ INTERVAL_S = 1.0  # at most one provisional frame per (user, service) per interv
 MARGIN_S = 10.0  # a window is dropped once older than window + lateness + this
 SWEEP_S = 1.0  # how often expired windows and unwatched users are dropped
 SLICE_S = 0.002  # loop time per slice of frame encoding and offering
+FOLD_CHUNK = 256  # events folded per hold of the lock
+YIELD_S = 0.0002  # the Kafka thread's pause between chunks while the loop waits for the lock
 RAW_MAX = 256  # raw latencies kept per window (exact percentiles); past it, sketch bins
 MAX_IDS = 16_384  # event ids kept per window for dedup
 MAX_IDS_TOTAL = 500_000  # ... and in all (at most ~30 MB)
@@ -154,11 +162,13 @@ class Window:
 class Series:
     """One (user, service): its open windows and when its last frame went out."""
 
-    __slots__ = ("final_floor", "last_emit", "pending", "service", "user_id", "windows")
+    __slots__ = ("final_floor", "last_emit", "pending", "service", "siblings", "user_id",
+                 "windows")
 
-    def __init__(self, user_id: str, service: str) -> None:
+    def __init__(self, user_id: str, service: str, siblings: dict[str, Series]) -> None:
         self.user_id = user_id
         self.service = service
+        self.siblings = siblings  # the user's series, this one included (service → series)
         self.windows: dict[int, Window] = {}  # window start (epoch ms) → accumulator
         self.last_emit = -math.inf  # tick time of its last frame
         self.final_floor = -1  # start (ms) of the newest window whose final record passed
@@ -206,11 +216,14 @@ class LiveTier:
         self.skew_ms = settings.max_clock_skew_seconds * 1000
         self.max_services = settings.max_services_per_user
         self.lock = threading.Lock()
+        # set by the loop while it waits for `lock`: without a pause between its chunks,
+        # the Kafka thread (holding the GIL) would take the lock again at once, all batch long
+        self.waiting = False
         self._users: dict[bytes, dict[str, Series]] = {}
         self._pending: set[Series] = set()  # series with a changed window
         self._bounds: dict[int, tuple[datetime, datetime]] = {}
         self._next_sweep = 0.0
-        self._backlog: deque[Due] = deque()
+        self._backlog: deque[dict[str, Series]] = deque()  # due users, to take and send
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.Handle | None = None
         self._tick_at = 0.0  # loop time of the next tick
@@ -227,7 +240,7 @@ class LiveTier:
 
     # -- Kafka thread -----------------------------------------------------------------
 
-    def fold(self, messages: Iterable[tuple[bytes, bytes]]) -> None:
+    def fold(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
         """Count `usage.events` messages (key, value) of watched users into their windows."""
         now_ms = int(self.clock() * 1000)
         oldest = now_ms - self.horizon_ms  # a window starting at or before this is gone
@@ -235,93 +248,96 @@ class LiveTier:
         window_ms = self.window_ms
         users = self._users
         pending = self._pending
-        with self.lock:
-            for key, value in messages:
-                try:
-                    event = _decode(value)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    self.invalid += 1
-                    continue
-                ts = event.ts
-                if ts.__class__ is int:
-                    ts_ms: int = ts  # type: ignore[assignment]
-                elif ts.__class__ is float:
-                    ts_ms = int(ts)  # type: ignore[arg-type]
-                else:
-                    ts_ms = int(ts.timestamp() * 1000)  # type: ignore[union-attr]
-                if not MIN_TS_MS <= ts_ms <= newest_ts:
-                    self.invalid += 1
-                    continue
-                start = ts_ms - ts_ms % window_ms
-                if start <= oldest:
-                    self.late += 1
-                    continue
-                services = users.get(key)
-                if services is None:
-                    if event.user_id.encode() != key:
+        for first in range(0, len(messages), FOLD_CHUNK):
+            if self.waiting:  # the loop waits for the lock: let it in (the GIL with it)
+                time.sleep(YIELD_S)
+            with self.lock:  # in chunks: the loop takes due users in between
+                for key, value in messages[first:first + FOLD_CHUNK]:
+                    try:
+                        event = _decode(value)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
                         self.invalid += 1
                         continue
-                    services = users[key] = {}
-                series = services.get(event.service)
-                if series is None:
-                    series = self._new_series(services, key, event.user_id, event.service)
-                    if series is None:
-                        continue
-                elif event.user_id != series.user_id:
-                    self.invalid += 1
-                    continue
-                if start <= series.final_floor:
-                    self.late += 1
-                    continue
-                window = series.windows.get(start)
-                if window is None:
-                    if (len(series.windows) >= MAX_WINDOWS
-                            or self.accumulators >= MAX_ACCUMULATORS):
-                        self.overflow += 1
-                        continue
-                    window = series.windows[start] = Window()
-                    self.accumulators += 1
-                digest = hash(event.event_id)
-                ids = window.ids
-                if digest in ids:
-                    self.duplicates += 1
-                    continue
-                if len(ids) < MAX_IDS and self.ids < MAX_IDS_TOTAL:
-                    if isinstance(ids, set):
-                        ids.add(digest)
+                    ts = event.ts
+                    if ts.__class__ is int:
+                        ts_ms: int = ts  # type: ignore[assignment]
+                    elif ts.__class__ is float:
+                        ts_ms = int(ts)  # type: ignore[arg-type]
                     else:
-                        ids.append(digest)
-                        if len(ids) > SMALL_IDS:
-                            window.ids = set(ids)
-                    self.ids += 1
-                else:
-                    window.deduplicated = False
-                self.events += 1
-                window.requests += 1
-                status = event.status_code
-                if status < 400:
-                    window.successes += 1
-                elif status < 500:
-                    window.client_errors += 1
-                else:
-                    window.server_errors += 1
-                latency = event.latency_ms
-                window.latency_sum += latency
-                if latency > window.latency_max:
-                    window.latency_max = latency
-                window.add_latency(latency)
-                if event.tokens_in:
-                    window.tokens_in += event.tokens_in
-                if event.tokens_out:
-                    window.tokens_out += event.tokens_out
-                if event.cost_usd:
-                    window.cost += event.cost_usd
-                if ts_ms > window.as_of:
-                    window.as_of = ts_ms
-                window.dirty = True
-                if not series.pending:
-                    series.pending = True
-                    pending.add(series)
+                        ts_ms = int(ts.timestamp() * 1000)  # type: ignore[union-attr]
+                    if not MIN_TS_MS <= ts_ms <= newest_ts:
+                        self.invalid += 1
+                        continue
+                    start = ts_ms - ts_ms % window_ms
+                    if start <= oldest:
+                        self.late += 1
+                        continue
+                    services = users.get(key)
+                    if services is None:
+                        if event.user_id.encode() != key:
+                            self.invalid += 1
+                            continue
+                        services = users[key] = {}
+                    series = services.get(event.service)
+                    if series is None:
+                        series = self._new_series(services, key, event.user_id, event.service)
+                        if series is None:
+                            continue
+                    elif event.user_id != series.user_id:
+                        self.invalid += 1
+                        continue
+                    if start <= series.final_floor:
+                        self.late += 1
+                        continue
+                    window = series.windows.get(start)
+                    if window is None:
+                        if (len(series.windows) >= MAX_WINDOWS
+                                or self.accumulators >= MAX_ACCUMULATORS):
+                            self.overflow += 1
+                            continue
+                        window = series.windows[start] = Window()
+                        self.accumulators += 1
+                    digest = hash(event.event_id)
+                    ids = window.ids
+                    if digest in ids:
+                        self.duplicates += 1
+                        continue
+                    if len(ids) < MAX_IDS and self.ids < MAX_IDS_TOTAL:
+                        if isinstance(ids, set):
+                            ids.add(digest)
+                        else:
+                            ids.append(digest)
+                            if len(ids) > SMALL_IDS:
+                                window.ids = set(ids)
+                        self.ids += 1
+                    else:
+                        window.deduplicated = False
+                    self.events += 1
+                    window.requests += 1
+                    status = event.status_code
+                    if status < 400:
+                        window.successes += 1
+                    elif status < 500:
+                        window.client_errors += 1
+                    else:
+                        window.server_errors += 1
+                    latency = event.latency_ms
+                    window.latency_sum += latency
+                    if latency > window.latency_max:
+                        window.latency_max = latency
+                    window.add_latency(latency)
+                    if event.tokens_in:
+                        window.tokens_in += event.tokens_in
+                    if event.tokens_out:
+                        window.tokens_out += event.tokens_out
+                    if event.cost_usd:
+                        window.cost += event.cost_usd
+                    if ts_ms > window.as_of:
+                        window.as_of = ts_ms
+                    window.dirty = True
+                    if not series.pending:
+                        series.pending = True
+                        pending.add(series)
 
     def _new_series(self, services: dict[str, Series], key: bytes, user_id: str,
                     service: str) -> Series | None:
@@ -335,7 +351,7 @@ class LiveTier:
         if len(services) >= self.max_services:
             self.overflow += 1
             return None
-        series = services[service] = Series(user_id, service)
+        series = services[service] = Series(user_id, service, services)
         return series
 
     def finalize(self, finals: Iterable[tuple[str, str, int]]) -> None:
@@ -386,12 +402,13 @@ class LiveTier:
         # Handle, without `when()`, for a time already past)
         self._tick_at = max(self._tick_at + self.tick, loop.time())
         self._timer = loop.call_at(self._tick_at, self._on_tick)
-        if self._backlog:  # the last tick's frames are still going out: they go first
+        if self._backlog:  # the last tick's users are still being served: they go first
             return
         # on the tick grid, so frames of one series are at least `interval` apart exactly
         now = math.floor(self.clock() / self.tick) * self.tick
         try:
-            self._backlog.extend(self.collect(now))
+            with self.lock:
+                self._backlog.extend(self._due_users(now))
         except Exception:  # the timer must survive a bug in one tick
             logger.exception("live tier tick failed")
             return
@@ -400,14 +417,29 @@ class LiveTier:
             loop.call_soon(self._drain)
 
     def _drain(self) -> None:
-        """Encode and offer due frames for `SLICE_S`, then yield to the loop."""
+        """Take the figures of due users (under the lock, a few dozen users at a time: the
+        newest figures, not the tick's), encode and offer their frames, for `SLICE_S`;
+        then yield to the loop."""
         backlog = self._backlog
         deadline = time.perf_counter() + SLICE_S
-        ts_ms = int(self.clock() * 1000)
+        clock = self.clock()
+        ts_ms = int(clock * 1000)
+        # the tick grid at the take (not the tick's time: a user taken late in a long
+        # backlog would be taken again early in the next one), so a series' frames are
+        # `interval` apart on the grid, as without a backlog
+        now = math.floor(clock / self.tick) * self.tick
         try:
             while backlog:
-                for _ in range(min(32, len(backlog))):
-                    self.deliver(backlog.popleft(), ts_ms)
+                taken: list[list[Due]] = []
+                self.waiting = True
+                with self.lock:
+                    self.waiting = False
+                    for _ in range(min(32, len(backlog))):
+                        due = self._take(backlog.popleft(), now)
+                        if due:
+                            taken.append(due)
+                for due in taken:
+                    self.deliver_user(due, ts_ms)
                 if time.perf_counter() >= deadline:
                     break
         except Exception:  # one bad frame must not stop the tier: it is dropped
@@ -418,33 +450,51 @@ class LiveTier:
             self._draining = False
 
     def collect(self, now: float) -> list[Due]:
-        """What is due at `now` (seconds): per pending (user, service) whose last update is
-        at least `interval` old, a frame per changed window, oldest first (two only around
-        a window boundary, while the previous window still takes in-flight events: both go
-        in the same update, so neither waits). Sweeps once every SWEEP_S."""
+        """What is due at `now` (seconds), taken at once (the timer takes the same, a few
+        users at a time, see `_drain`). Sweeps once every SWEEP_S."""
         due: list[Due] = []
         with self.lock:
-            if now >= self._next_sweep:
-                self._sweep(now)
-                self._next_sweep = now + SWEEP_S
-            pending = self._pending
-            interval = self.interval
-            done: list[Series] = []
-            for series in pending:
-                if now - series.last_emit < interval:
-                    continue
-                done.append(series)
-                changed = [start for start, window in series.windows.items() if window.dirty]
-                if not changed:
-                    continue
-                series.last_emit = now
-                for start in sorted(changed):
-                    window = series.windows[start]
-                    window.dirty = False
-                    due.append(Due(series, start, window))
-            for series in done:
+            for siblings in self._due_users(now):
+                due.extend(self._take(siblings, now))
+        return due
+
+    def _due_users(self, now: float) -> list[dict[str, Series]]:
+        """Under the lock: the users with a pending (user, service) whose last update is at
+        least `interval` old (each as its series by service). Sweeps once every SWEEP_S."""
+        if now >= self._next_sweep:
+            self._sweep(now)
+            self._next_sweep = now + SWEEP_S
+        interval = self.interval
+        users: dict[int, dict[str, Series]] = {}
+        for series in self._pending:
+            if now - series.last_emit >= interval:
+                users[id(series.siblings)] = series.siblings
+        return list(users.values())
+
+    def _take(self, siblings: dict[str, Series], now: float) -> list[Due]:
+        """Under the lock: one user's update at `now`, a frame per changed window, oldest
+        first (two only around a window boundary, while the previous window still takes
+        in-flight events: both go in the same update, so neither waits), for each of the
+        user's services whose last update is at least `interval` old: they go together
+        (their rhythm becomes the user's), in one socket write per connection."""
+        due: list[Due] = []
+        interval = self.interval
+        pending = self._pending
+        for series in siblings.values():
+            if now - series.last_emit < interval:
+                continue
+            series.last_emit = now
+            if series.pending:
                 series.pending = False
                 pending.discard(series)
+            windows = series.windows
+            changed = [start for start, window in windows.items() if window.dirty]
+            if len(changed) > 1:
+                changed.sort()
+            for start in changed:
+                window = windows[start]
+                window.dirty = False
+                due.append(Due(series, start, window))
         return due
 
     def update(self, due: Due) -> StatsUpdate:
@@ -475,21 +525,33 @@ class LiveTier:
             deduplicated=due.deduplicated)
 
     def deliver(self, due: Due, ts_ms: int) -> None:
-        """Encode one due frame once and offer it to the user's stats connections, unless
-        the window's final record passed meanwhile (the final frame must stay the last)."""
-        series = due.series
-        if due.start_ms <= series.final_floor:
-            return
-        conns = self.registry.by_user.get(series.user_id)
+        """One due frame: see `deliver_user`."""
+        self.deliver_user([due], ts_ms)
+
+    def deliver_user(self, dues: list[Due], ts_ms: int) -> None:
+        """Encode each due frame (all of one user) once and offer them to the user's stats
+        connections, then write them in one go per connection; a frame whose window's final
+        record passed meanwhile is left out (the final frame must stay the last)."""
+        conns = self.registry.by_user.get(dues[0].series.user_id)
         if not conns:
             return
-        # frame_prefix's output, with the data encoded once and no second pass over it
-        prefix = f'{_HEAD}{_encode(self.update(due)).decode()},"ts":{ts_ms},'
-        key = (series.service, due.start_ms // 1000)
-        self.frames += 1
-        for conn in conns:
-            if conn.channels & STATS:
-                conn.offer_stats(prefix, key)
+        offered = False
+        for due in dues:
+            series = due.series
+            if due.start_ms <= series.final_floor:
+                continue
+            # frame_prefix's output, with the data encoded once and no second pass over it
+            prefix = f'{_HEAD}{_encode(self.update(due)).decode()},"ts":{ts_ms},'
+            key = (series.service, due.start_ms // 1000)
+            self.frames += 1
+            offered = True
+            for conn in conns:
+                if conn.channels & STATS:
+                    conn.offer_stats(prefix, key, flush=False)
+        if offered:
+            for conn in conns:
+                if conn.channels & STATS:
+                    conn.flush()
 
     def _sweep(self, now: float) -> None:
         """Drop expired windows, and the state of users nobody here watches any more

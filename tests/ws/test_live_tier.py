@@ -62,9 +62,14 @@ class FakeConn:
     def __init__(self, channels: int = STATS) -> None:
         self.channels = channels
         self.offered: list[tuple[str, tuple[str, int]]] = []
+        self.writes = 0  # socket writes: an unbatched offer, or a flush
 
-    def offer_stats(self, prefix: str, key: tuple[str, int]) -> None:
+    def offer_stats(self, prefix: str, key: tuple[str, int], *, flush: bool = True) -> None:
         self.offered.append((prefix, key))
+        self.writes += flush
+
+    def flush(self) -> None:
+        self.writes += 1
 
     def updates(self) -> list[StatsUpdate]:
         return [decode_server_frame(f'{prefix}"seq":1}}')[1] for prefix, _ in self.offered]
@@ -137,6 +142,28 @@ def test_at_most_one_frame_per_second_per_service() -> None:
         gaps = [b - a for a, b in itertools.pairwise(updates)]
         assert len(updates) >= 9
         assert min(gaps) >= 1.0 - 1e-9
+
+
+def test_a_users_services_share_the_rhythm_and_one_write() -> None:
+    """A user's services whose last update is as old go along with the due one (their
+    rhythm becomes the user's, still at most one frame per second per service), and one
+    update reaches each connection in one write."""
+    live, clock, conns = tier("alice")
+    live.fold([(b"alice", event(service="openai")), (b"alice", event(service="anthropic"))])
+    assert emit(live, clock) == 2
+    clock.advance(0.5)
+    live.fold([(b"alice", event(service="anthropic", ts=int(clock() * 1000)))])
+    assert emit(live, clock) == 0  # not a second yet
+    clock.advance(0.5)
+    live.fold([(b"alice", event(service="openai", ts=int(clock() * 1000)))])
+    due = live.collect(math.floor(clock() / live.tick) * live.tick)
+    assert sorted(d.series.service for d in due) == ["anthropic", "openai"]
+    conn = conns["alice"]
+    writes = conn.writes
+    live.deliver_user(due, int(clock() * 1000))
+    assert conn.writes == writes + 1
+    assert {(u.service, u.requests) for u in conn.updates()[-2:]} == {("anthropic", 2),
+                                                                    ("openai", 2)}
 
 
 def test_duplicates_count_once_and_the_bound_is_said() -> None:
