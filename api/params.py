@@ -87,13 +87,27 @@ class TimeRange:
         `default_ms` before `to`."""
         to_ms = parse_instant(to, "to") if to is not None else now_ms
         from_ms = parse_instant(from_, "from") if from_ is not None else max(0, to_ms - default_ms)
-        if to_ms <= from_ms:
-            msg = "to: must be after from (ranges are [from, to))"
-            raise bad(msg, "to")
+        _check_order(from_ms, to_ms)
         if to_ms - from_ms > max_days * DAY_MS:
             msg = f"from: a range spans at most {max_days} days"
             raise bad(msg, "from")
         return cls(from_ms, to_ms)
+
+
+def open_range(from_: str | None, to: str | None) -> tuple[int | None, int | None]:
+    """`[from, to)` in epoch ms where either end may be absent (unbounded): history lists
+    that default to everything."""
+    from_ms = None if from_ is None else parse_instant(from_, "from")
+    to_ms = None if to is None else parse_instant(to, "to")
+    if from_ms is not None and to_ms is not None:
+        _check_order(from_ms, to_ms)
+    return from_ms, to_ms
+
+
+def _check_order(from_ms: int, to_ms: int) -> None:
+    if to_ms <= from_ms:
+        msg = "to: must be after from (ranges are [from, to))"
+        raise bad(msg, "to")
 
 
 class Interval(enum.StrEnum):

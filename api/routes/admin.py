@@ -22,7 +22,7 @@ from fastapi import APIRouter, Query, Request
 
 from api import queries
 from api.deps import AdminDep, ClickHouseDep, SettingsDep
-from api.params import FromQuery, ToQuery, bad, decode_cursor, encode_cursor, parse_instant
+from api.params import FromQuery, ToQuery, decode_cursor, encode_cursor, open_range
 from api.responses import MsgspecResponse, described, failures
 from core.clickhouse import shared_client
 from core.clock import Clock
@@ -186,11 +186,7 @@ def audit(
 
     Keyset pagination: a page continues strictly below the previous one, so changes recorded
     meanwhile never shift or repeat later pages."""
-    from_ms = None if from_ is None else parse_instant(from_, "from")
-    to_ms = None if to is None else parse_instant(to, "to")
-    if from_ms is not None and to_ms is not None and to_ms <= from_ms:
-        msg = "to: must be after from (ranges are [from, to))"
-        raise bad(msg, "to")
+    from_ms, to_ms = open_range(from_, to)
     before = None
     if cursor is not None:
         _kind, at_ms, audit_id = decode_cursor(cursor, _CURSOR)

@@ -17,7 +17,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query
 
 from api.deps import ClickHouseDep, OwnerDep, SettingsDep
-from api.params import FromQuery, ToQuery, bad, decode_cursor, encode_cursor, parse_instant
+from api.params import FromQuery, ToQuery, decode_cursor, encode_cursor, open_range
 from api.responses import MsgspecResponse, described, failures
 from schemas.alerts import Alert, AlertState
 from schemas.events import SERVICE_PATTERN
@@ -109,11 +109,7 @@ def list_alerts(
     """The caller's alerts fired in `[from, to)` (default: all of them), one per alert in
     its latest state; `state` and `service` narrow them. Currently firing first, then newest
     fired first."""
-    from_ms = None if from_ is None else parse_instant(from_, "from")
-    to_ms = None if to is None else parse_instant(to, "to")
-    if from_ms is not None and to_ms is not None and to_ms <= from_ms:
-        msg = "to: must be after from (ranges are [from, to))"
-        raise bad(msg, "to")
+    from_ms, to_ms = open_range(from_, to)
     after = None
     if cursor is not None:
         _kind, firing, fired_ms, alert_id = decode_cursor(cursor, _CURSOR)
