@@ -35,10 +35,27 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_controller_port: int = Field(0, ge=0, le=65535, description="0: bootstrap port + 1")
     kafka_heap_mb: int = Field(512, ge=128, le=512)
+    # -- Kafka beyond localhost (issue 15): passed to every client by core.kafka --
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT")
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    # CA bundle (PEM) the brokers' certificates are checked against; None: the system's.
+    kafka_ssl_ca_file: Path | None = None
+    # Check that the broker's certificate names the host it was reached at.
+    kafka_ssl_check_hostname: bool = True
     topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
     topic_partitions: int = Field(4, ge=1, le=256)
     clickhouse_dsn: str = ""
     clickhouse_database: str = "keypulse"
+    # -- the ClickHouse server path (issue 15) --
+    # Migrations target this cluster (ON CLUSTER, Replicated* engines) when set.
+    clickhouse_cluster: str = Field("", pattern=r"^[A-Za-z0-9_]*$")
+    # `keypulse migrate` creates this read-only user for analysts (server only) when a
+    # password is set.
+    clickhouse_analyst_user: str = Field("keypulse_analyst", pattern=r"^[A-Za-z0-9_]+$")
+    clickhouse_analyst_password: SecretStr = SecretStr("")
     notification_templates_file: Path | None = Field(
         None, description="a notification template registry replacing the packaged one")
     events_ttl_days: int = Field(30, ge=1, le=3650)
@@ -49,6 +66,8 @@ class Settings(BaseSettings):
     rollup_1d_ttl_days: int = Field(1830, ge=1, le=36500)
 
     jwt_secret: SecretStr = SecretStr("")
+    # During a rotation: the secret being retired, still accepted (never used to sign).
+    jwt_previous_secret: SecretStr = SecretStr("")
     jwt_audience: str = "keypulse"
     jwt_issuer: str = "keypulse"
     jwt_algorithm: Literal["HS256"] = "HS256"
