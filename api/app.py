@@ -67,7 +67,7 @@ def create_app(settings: Settings, *, routers: Sequence[APIRouter] = (),
     """The API app; `routers`, `lifespans` and `health_checks` let `keypulse run` add the
     bridge and the pipeline beside it. Refuses (ConfigError) a missing or placeholder JWT
     secret outside dev mode, before anything is served."""
-    settings.jwt_key  # noqa: B018 - raises before a request is ever answered
+    settings.jwt_verify_keys  # noqa: B018 - raises before a request is ever answered
     process = telemetry or Telemetry()  # /readyz, /metrics, the system snapshots
 
     @contextlib.asynccontextmanager

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import jwt
 
@@ -96,24 +96,7 @@ def verify_token(settings: Settings, token: str, *, clock: Clock = system_clock)
     if not token or len(token) > MAX_TOKEN_CHARS or not token.isascii():  # JWTs are base64url
         msg = "invalid token"
         raise AuthError(msg)
-    try:
-        claims = jwt.decode(
-            token,
-            settings.jwt_key,
-            algorithms=[settings.jwt_algorithm],
-            audience=settings.jwt_audience,
-            issuer=settings.jwt_issuer,
-            options={
-                "require": ["exp", "sub", "aud", "iss"],
-                # time claims are checked below against the injectable clock
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-            },
-        )
-    except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:  # odd JSON inside
-        msg = f"invalid token: {str(exc)[:200]}"
-        raise AuthError(msg) from None
+    claims = _decode(settings, token)
     # Exact matches, whatever the library version does with lists or substrings.
     if claims.get("iss") != settings.jwt_issuer:
         msg = "invalid token: wrong issuer"
@@ -150,6 +133,38 @@ def verify_token(settings: Settings, token: str, *, clock: Clock = system_clock)
         msg = f"invalid token: lives longer than {settings.jwt_max_ttl_seconds} s"
         raise AuthError(msg)
     return Principal(user_id=sub, roles=tuple(roles), expires_at=exp)
+
+
+def _decode(settings: Settings, token: str) -> dict[str, Any]:
+    """The claims of a token signed with the current key or, during a rotation, the previous
+    one; AuthError otherwise."""
+    keys = settings.jwt_verify_keys
+    for index, key in enumerate(keys):
+        try:
+            return jwt.decode(
+                token,
+                key,
+                algorithms=[settings.jwt_algorithm],
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+                options={
+                    "require": ["exp", "sub", "aud", "iss"],
+                    # time claims are checked by the caller against the injectable clock
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            if index + 1 < len(keys):
+                continue  # signed before the rotation, perhaps
+            msg = "invalid token: Signature verification failed"
+            raise AuthError(msg) from None
+        except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:  # odd JSON
+            msg = f"invalid token: {str(exc)[:200]}"
+            raise AuthError(msg) from None
+    msg = "invalid token"  # no keys: unreachable, jwt_verify_keys always has the current one
+    raise AuthError(msg)
 
 
 def valid_user_id(value: object) -> TypeGuard[str]:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from core.errors import ConfigError
 
@@ -15,6 +22,10 @@ PLACEHOLDER_SECRETS = frozenset(
     {"", "changeme", "change-me", "changethis", "secret", "dev", "test"}
 )
 DEV_JWT_SECRET = "keypulse-dev-only-secret-do-not-use-in-production"
+# Settings that hold a secret: each may instead come from a file named by
+# `KEYPULSE_<NAME>_FILE` (Docker and Kubernetes secrets), never both.
+SECRET_SETTINGS = ("jwt_secret", "jwt_previous_secret", "kafka_sasl_password",
+                   "clickhouse_dsn", "clickhouse_analyst_password")
 
 
 def _split_csv(value: object) -> object:
@@ -143,6 +154,18 @@ class Settings(BaseSettings):
             raise ValueError(msg)
         return value
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, dotenv_settings,
+                SecretFiles(settings_cls, dotenv_settings), file_secret_settings)
+
     # -- derived values ---------------------------------------------------------------
 
     def jwt_problem(self) -> str | None:
@@ -170,6 +193,18 @@ class Settings(BaseSettings):
         return secret if secret else DEV_JWT_SECRET
 
     @property
+    def jwt_verify_keys(self) -> tuple[str, ...]:
+        """The keys a token may be signed with: the current one, then (during a rotation)
+        the one being retired. Only `jwt_key` signs."""
+        previous = self.jwt_previous_secret.get_secret_value()
+        if not previous or previous == self.jwt_key:
+            return (self.jwt_key,)
+        if not self.dev and (previous.lower() in PLACEHOLDER_SECRETS or len(previous) < 32):
+            msg = "KEYPULSE_JWT_PREVIOUS_SECRET must be a real secret of at least 32 characters"
+            raise ConfigError(msg)
+        return (self.jwt_key, previous)
+
+    @property
     def dsn(self) -> str:
         if self.clickhouse_dsn:
             return self.clickhouse_dsn
@@ -191,6 +226,48 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """The physical topic name for a DESIGN §4 topic name."""
         return f"{self.topic_prefix}{name}"
+
+
+class SecretFiles(PydanticBaseSettingsSource):
+    """`KEYPULSE_<NAME>_FILE` for every name in SECRET_SETTINGS: the file's text, without its
+    trailing newline. Setting both a secret and its file, or naming a file that cannot be read,
+    is a ConfigError naming the variable (never the value)."""
+
+    def __init__(self, settings_cls: type[BaseSettings],
+                 dotenv: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._dotenv = dotenv
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # the values come from __call__
+
+    def __call__(self) -> dict[str, Any]:
+        environ = {key.upper(): value for key, value in self._environment().items()}
+        values: dict[str, Any] = {}
+        for name in SECRET_SETTINGS:
+            variable = f"KEYPULSE_{name.upper()}"
+            path = environ.get(f"{variable}_FILE")
+            if not path:
+                continue
+            if environ.get(variable):
+                msg = f"set {variable} or {variable}_FILE, not both"
+                raise ConfigError(msg)
+            try:
+                values[name] = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                msg = f"{variable}_FILE: cannot read {path}: {reason}"
+                raise ConfigError(msg) from None
+        return values
+
+    def _environment(self) -> dict[str, str]:
+        """The process environment over the .env file's values (as pydantic-settings ranks
+        them)."""
+        merged: dict[str, str] = {}
+        env_vars = getattr(self._dotenv, "env_vars", None) or {}
+        merged.update({k: v for k, v in env_vars.items() if isinstance(v, str)})
+        merged.update(os.environ)
+        return merged
 
 
 def load(**overrides: object) -> Settings:

@@ -209,5 +209,5 @@ def create_bridge(settings: Settings, **options: Any) -> Bridge:
     Refuses (ConfigError) a missing or placeholder JWT secret outside dev mode, and an
     invalid notification template file (`KEYPULSE_NOTIFICATION_TEMPLATES_FILE`).
     """
-    settings.jwt_key  # noqa: B018 - raises before a socket is ever accepted
+    settings.jwt_verify_keys  # noqa: B018 - raises before a socket is ever accepted
     return Bridge(settings, **options)
