@@ -5,6 +5,10 @@ Producers use the murmur2 partitioner, the same as the Java client, so that a
 dataflow and the bridge rely on "one user, one partition". `partition_for` computes that
 partition (the bridge needs it to read and write resume cursors before it has seen any
 message of the user).
+
+Every client config carries the broker's security settings (`_security`: the protocol, SASL
+credentials, the CA that signs the brokers' certificates, hostname checking), so no client
+anywhere in keypulse can reach a TLS or SASL broker without them (docs/kafka-security.md).
 """
 
 from __future__ import annotations
@@ -14,7 +18,38 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from core.errors import ConfigError
 from core.settings import Settings
+
+
+def _security(settings: Settings) -> dict[str, Any]:
+    """The security part of every client config, from the `kafka_security_*`, `kafka_sasl_*`
+    and `kafka_ssl_*` settings; ConfigError (one line) for a SASL protocol without
+    credentials or a CA file that is not there."""
+    protocol = settings.kafka_security_protocol
+    config: dict[str, Any] = {"security.protocol": protocol}
+    if protocol.startswith("SASL_"):
+        password = settings.kafka_sasl_password.get_secret_value()
+        if not settings.kafka_sasl_username or not password:
+            msg = (
+                f"KEYPULSE_KAFKA_SECURITY_PROTOCOL={protocol} needs KEYPULSE_KAFKA_SASL_USERNAME "
+                "and KEYPULSE_KAFKA_SASL_PASSWORD (or KEYPULSE_KAFKA_SASL_PASSWORD_FILE)"
+            )
+            raise ConfigError(msg)
+        config["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        config["sasl.username"] = settings.kafka_sasl_username
+        config["sasl.password"] = password
+    if protocol.endswith("SSL"):
+        ca = settings.kafka_ssl_ca_file
+        if ca is not None:
+            if not ca.is_file():
+                msg = f"KEYPULSE_KAFKA_SSL_CA_FILE={ca} is not a readable file"
+                raise ConfigError(msg)
+            config["ssl.ca.location"] = str(ca)
+        config["ssl.endpoint.identification.algorithm"] = (
+            "https" if settings.kafka_ssl_check_hostname else "none"
+        )
+    return config
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -27,6 +62,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "compression.type": "lz4",
         "batch.num.messages": 10_000,
         "queue.buffering.max.messages": 1_000_000,
+        **_security(settings),
     }
     config.update(overrides)
     return config
@@ -36,8 +72,10 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
 # partition (RSS), and fetch again 5 ms after the queue drops under that. librdkafka's default
 # waits 1 s (fetch.queue.backoff.ms) once a queue has filled, which starved the partitions and
 # capped reading at about 140k events/s on a 2-core machine.
-PREFETCH_SETTINGS: dict[str, Any] = {"queued.max.messages.kbytes": 8192,
-                                     "fetch.queue.backoff.ms": 5}
+PREFETCH_SETTINGS: dict[str, Any] = {
+    "queued.max.messages.kbytes": 8192,
+    "fetch.queue.backoff.ms": 5,
+}
 
 
 def consumer_config(
@@ -50,13 +88,14 @@ def consumer_config(
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "enable.partition.eof": False,
+        **_security(settings),
     }
     config.update(overrides)
     return config
 
 
 def admin_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap}
+    config: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap, **_security(settings)}
     config.update(overrides)
     return config
 

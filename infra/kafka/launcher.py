@@ -14,7 +14,11 @@ the broker writes lives under `<settings.data_dir>/kafka`:
     logs/server.log     the broker's log (log4j2.properties)
     broker.out          the JVM's stdout/stderr: warnings, errors, crashes
     broker.pid          the pid of the running broker
+    tls/                `start --tls`/`--sasl`: the CA and the broker's certificate (tls.py)
+    sasl.admin          `start --sasl`: the admin the storage was formatted with
 
+`start --tls` makes the bootstrap address a TLS listener, `start --sasl` a SASL_SSL one with
+the ACL authorizer (`BrokerSecurity`; docs/kafka-security.md); plain `start` is PLAINTEXT.
 `start`, `stop` and `status` return one line for a human; expected failures raise
 `DependencyError` (no java, no mvn) or `ServiceError` (download, start or admin failed).
 """
@@ -35,6 +39,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -43,10 +48,11 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource  # re-exported by .admin, untyped there
 from confluent_kafka.cimpl import NewTopic
 
-from core.errors import DependencyError, ServiceError
+from core.errors import ConfigError, DependencyError, ServiceError
 from core.kafka import admin_config
 from core.settings import Settings
 from core.topics import TOPICS
+from infra.kafka import tls
 
 logger = logging.getLogger(__name__)
 
@@ -226,19 +232,43 @@ def kafka_dir(settings: Settings) -> Path:
     return (settings.data_dir / "kafka").resolve()
 
 
-def render_server_properties(settings: Settings) -> str:
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """What `kafka start --tls [--sasl]` adds to the plaintext broker.
+
+    The bootstrap address becomes the TLS listener (`SSL`, or `SASL_SSL` with `admin`), the
+    one clients use and the broker's own inter-broker listener; the controller listener stays
+    on the controller port of the same host: plaintext with TLS alone, SASL_SSL (PLAIN, the
+    admin's credentials) with SASL, so that with the authorizer on nothing reaches the
+    controller anonymously. `admin` (username, password) is the super user, created with
+    SCRAM-SHA-512 credentials when the storage is formatted.
+    """
+
+    tls: tls.TlsFiles
+    admin: tuple[str, str] | None = None
+
+    @property
+    def protocol(self) -> str:
+        return "SASL_SSL" if self.admin else "SSL"
+
+
+def render_server_properties(settings: Settings, security: BrokerSecurity | None = None) -> str:
     """The broker+controller configuration for `settings` (pure; unit-tested)."""
     host, port = settings.bootstrap_host_port
     cport = settings.controller_port
     home = kafka_dir(settings)
+    listener = "PLAINTEXT" if security is None else security.protocol
+    controller_protocol = "PLAINTEXT"
+    if security is not None and security.admin is not None:
+        controller_protocol = "SASL_SSL"
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@{host}:{cport}",
-        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
-        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "inter.broker.listener.name": "PLAINTEXT",
+        "listeners": f"{listener}://{host}:{port},CONTROLLER://{host}:{cport}",
+        "advertised.listeners": f"{listener}://{host}:{port}",
+        "listener.security.protocol.map": f"{listener}:{listener},CONTROLLER:{controller_protocol}",
+        "inter.broker.listener.name": listener,
         "controller.listener.names": "CONTROLLER",
         "log.dirs": str(home / "data"),
         "num.partitions": str(settings.topic_partitions),
@@ -253,9 +283,75 @@ def render_server_properties(settings: Settings) -> str:
         "auto.create.topics.enable": "false",
         "delete.topic.enable": "true",
     }
+    if security is not None:
+        props |= _security_properties(security)
     lines = ["# written by keypulse kafka start; edits are overwritten", ""]
     lines += [f"{key}={value}" for key, value in props.items()]
     return "\n".join(lines) + "\n"
+
+
+SCRAM = "SCRAM-SHA-512"
+AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+
+
+def _security_properties(security: BrokerSecurity) -> dict[str, str]:
+    props = {
+        "ssl.keystore.type": "PEM",
+        "ssl.keystore.location": str(security.tls.keystore),
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": str(security.tls.ca_cert),
+        "ssl.client.auth": "none",
+    }
+    if security.admin is None:
+        return props
+    user, password = security.admin
+    jaas_user, jaas_password = _jaas_quote(user), _jaas_quote(password)
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
+    plain = "org.apache.kafka.common.security.plain.PlainLoginModule"
+    props |= {
+        "sasl.enabled.mechanisms": SCRAM,
+        "sasl.mechanism.inter.broker.protocol": SCRAM,
+        f"listener.name.sasl_ssl.{SCRAM.lower()}.sasl.jaas.config": (
+            f"{scram} required username={jaas_user} password={jaas_password};"
+        ),
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config": (
+            f"{plain} required username={jaas_user} password={jaas_password} "
+            f"user_{user}={jaas_password};"
+        ),
+        "authorizer.class.name": AUTHORIZER,
+        "super.users": f"User:{user}",
+        "allow.everyone.if.no.acl.found": "false",
+    }
+    return props
+
+
+def _jaas_quote(value: str) -> str:
+    return f'"{value}"'
+
+
+def check_admin(user: str, password: str) -> tuple[str, str]:
+    """The SASL admin's credentials, refused (ConfigError) when missing or unusable in the
+    broker's JAAS lines and `kafka-storage format --add-scram`."""
+    if not user or not password:
+        msg = (
+            "kafka start --sasl needs the admin's credentials in KEYPULSE_KAFKA_SASL_USERNAME "
+            "and KEYPULSE_KAFKA_SASL_PASSWORD"
+        )
+        raise ConfigError(msg)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", user):
+        msg = f"KEYPULSE_KAFKA_SASL_USERNAME {user!r}: use letters, digits, '.', '_' or '-'"
+        raise ConfigError(msg)
+    # server.properties is read as ISO-8859-1 with backslash escapes; JAAS quotes with `"`;
+    # --add-scram splits on `,` and `]`
+    if re.search(r'["\\,\[\]\s]', password) or not (password.isascii() and password.isprintable()):
+        msg = (
+            "KEYPULSE_KAFKA_SASL_PASSWORD for kafka start --sasl must be printable ASCII "
+            "without quotes, backslashes, commas, brackets or white space"
+        )
+        raise ConfigError(msg)
+    return user, password
 
 
 def new_cluster_id() -> str:
@@ -266,8 +362,18 @@ def new_cluster_id() -> str:
             return text
 
 
-def _format_storage(java: str, lib: Path, home: Path, props: Path) -> None:
+def _format_storage(
+    java: str, lib: Path, home: Path, props: Path, admin: tuple[str, str] | None = None
+) -> None:
+    marker = home / "sasl.admin"  # the SASL admin the storage was formatted with
     if (home / "data" / "meta.properties").is_file():
+        if admin is not None and _read(marker) != admin[0]:
+            msg = (
+                f"the Kafka storage in {home / 'data'} was formatted without the SASL admin "
+                f"{admin[0]!r}; start --sasl with a new KEYPULSE_DATA_DIR, or delete "
+                f"{home / 'data'} (its topics are lost)"
+            )
+            raise ConfigError(msg)
         return
     id_file = home / "cluster.id"
     if not id_file.is_file():
@@ -287,11 +393,22 @@ def _format_storage(java: str, lib: Path, home: Path, props: Path) -> None:
         str(props),
         "--ignore-formatted",
     ]
+    if admin is not None:
+        cmd += ["--add-scram", f"{SCRAM}=[name={admin[0]},password={admin[1]}]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if proc.returncode != 0:
         tail = _tail_text(proc.stdout + proc.stderr, 15)
         msg = f"formatting the Kafka storage in {home / 'data'} failed:\n{tail}"
         raise ServiceError(msg)
+    if admin is not None:
+        marker.write_text(admin[0] + "\n")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 # -- process ----------------------------------------------------------------------------
@@ -331,15 +448,39 @@ def _port_taken(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def start(settings: Settings, *, wait_seconds: float = 60, progress: Progress | None = None) -> str:
-    """Start the broker detached (jars fetched, storage formatted if needed), create topics."""
+def start(
+    settings: Settings,
+    *,
+    wait_seconds: float = 60,
+    progress: Progress | None = None,
+    tls_listener: bool = False,
+    sasl: bool = False,
+) -> str:
+    """Start the broker detached (jars fetched, storage formatted if needed), create topics.
+
+    `tls_listener`: the bootstrap address is a TLS listener (certificates made in
+    `<data>/kafka/tls`); `sasl` (implies TLS): SASL_SSL with SCRAM-SHA-512 and the
+    authorizer, the admin being KEYPULSE_KAFKA_SASL_USERNAME/PASSWORD (BrokerSecurity).
+    """
+    security: BrokerSecurity | None = None
+    if tls_listener or sasl:
+        security, settings = _secure(settings, sasl=sasl)
     bootstrap = settings.kafka_bootstrap
+    tls_note = (
+        ""
+        if security is None
+        else (
+            f"; {security.protocol} listener, CA file {security.tls.ca_cert} (clients: "
+            f"KEYPULSE_KAFKA_SECURITY_PROTOCOL={security.protocol} "
+            f"KEYPULSE_KAFKA_SSL_CA_FILE={security.tls.ca_cert})"
+        )
+    )
     pid = _broker_pid(settings)
     if is_up(settings) or (pid is not None and _wait_up(settings, pid, wait_seconds)):
         owner = f" (pid {pid})" if pid is not None else ""
         created = ensure_topics(settings)  # also makes a compose or remote broker ready
         topics_note = f"; created topics {', '.join(created)}" if created else ""
-        return f"Kafka already running at {bootstrap}{owner}{topics_note}"
+        return f"Kafka already running at {bootstrap}{owner}{topics_note}{tls_note}"
     if pid is not None and _alive(pid):
         msg = (
             f"Kafka pid {pid} is running but does not answer at {bootstrap}; see "
@@ -357,8 +498,13 @@ def start(settings: Settings, *, wait_seconds: float = 60, progress: Progress | 
     home = kafka_dir(settings)
     (home / "logs").mkdir(parents=True, exist_ok=True)
     props = home / "server.properties"
-    props.write_text(render_server_properties(settings))
-    _format_storage(java, lib, home, props)
+    if security is None:
+        props.write_text(render_server_properties(settings))
+    else:  # it holds the admin's password with SASL: its owner's only
+        props.touch(mode=0o600)
+        props.chmod(0o600)
+        props.write_text(render_server_properties(settings, security))
+    _format_storage(java, lib, home, props, None if security is None else security.admin)
     heap = f"{settings.kafka_heap_mb}m"
     cmd = [
         java,
@@ -402,8 +548,29 @@ def start(settings: Settings, *, wait_seconds: float = 60, progress: Progress | 
     created = ensure_topics(settings)
     return (
         f"Kafka {KAFKA_VERSION} started at {bootstrap} (pid {child.pid}, controller port "
-        f"{settings.controller_port}, data {home}); {len(created)} topics created"
+        f"{settings.controller_port}, data {home}); {len(created)} topics created{tls_note}"
     )
+
+
+def _secure(settings: Settings, *, sasl: bool) -> tuple[BrokerSecurity, Settings]:
+    """The broker's security for `start`, and the settings its own admin client uses: the
+    TLS listener, trusting the CA just made (SASL: as the admin)."""
+    admin = None
+    if sasl:
+        admin = check_admin(
+            settings.kafka_sasl_username, settings.kafka_sasl_password.get_secret_value()
+        )
+    host, _port = settings.bootstrap_host_port
+    files, _renewed = tls.ensure(kafka_dir(settings) / "tls", (host,))
+    security = BrokerSecurity(files, admin)
+    client = settings.model_copy(
+        update={
+            "kafka_security_protocol": security.protocol,
+            "kafka_ssl_ca_file": files.ca_cert,
+            "kafka_sasl_mechanism": SCRAM if sasl else settings.kafka_sasl_mechanism,
+        }
+    )
+    return security, client
 
 
 def _wait_up(settings: Settings, pid: int, wait_seconds: float) -> bool:
@@ -483,9 +650,16 @@ def status(settings: Settings) -> str:
             f"{len(topics or [])} topics"
         )
     if topics is None:
+        secured = "ssl.keystore.location=" in (_read(home / "server.properties") or "")
+        hint = (
+            f"; it was started with a TLS listener: set KEYPULSE_KAFKA_SECURITY_PROTOCOL and "
+            f"KEYPULSE_KAFKA_SSL_CA_FILE={home / 'tls' / 'ca.pem'}"
+            if secured and settings.kafka_security_protocol == "PLAINTEXT"
+            else ""
+        )
         return (
             f"Kafka pid {pid} is running but does not answer at {bootstrap} "
-            f"(starting, or see {home / 'broker.out'})"
+            f"(starting, or see {home / 'broker.out'}){hint}"
         )
     return (
         f"Kafka {KAFKA_VERSION} running: pid {pid}, bootstrap {bootstrap}, controller port "
