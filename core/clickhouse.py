@@ -2,6 +2,11 @@
 
 Only one process may open an embedded path, so a process opens it once and shares the
 client (`shared_client`). Every query names the database explicitly.
+
+A server client (docs/clickhouse.md) compresses both directions with LZ4 (a DSN's own
+`?compress=` wins), is opened without a session database (the DSN's path names a database
+that `keypulse migrate` may still have to create, and every query names its database anyway),
+and sends `SERVER_SETTINGS` with every request, those of them the server knows.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -20,6 +25,22 @@ from core.errors import ServiceError
 from core.settings import Settings
 
 Migrator = Callable[[Client, Settings], object]  # infra.clickhouse.migrate.migrate, passed in
+
+# Sent with every request to a server (never to chDB, whose behaviour stays as it was):
+# - async_insert=0: the pipeline batches its inserts itself and takes an insert's success to
+#   mean "stored" before it snapshots its Kafka offsets; a server-side buffer (the default of
+#   recent servers) would add its flush delay to every batch, and with wait_for_async_insert=0
+#   in a profile an acknowledged batch could be lost.
+# - insert_deduplicate=1 and deduplicate_insert=enable (the newer setting, which supersedes the
+#   first): a retried insert of the same bytes into a Replicated* table (the cluster path) is
+#   stored once. Plain MergeTree tables keep no deduplication log; correctness never rests on
+#   it (every table is a ReplacingMergeTree keyed by the row's identity, read FINAL).
+SERVER_SETTINGS: dict[str, str | int] = {
+    "async_insert": 0,
+    "insert_deduplicate": 1,
+    "deduplicate_insert": "enable",
+}
+SERVER_COMPRESSION = "lz4"
 
 _lock = threading.Lock()
 _shared: dict[str, Client] = {}
@@ -33,12 +54,31 @@ def connect(dsn: str) -> Client:
             path = Path(urlparse(dsn).path or dsn.removeprefix("chdb://"))
             path.mkdir(parents=True, exist_ok=True)
             return clickhouse_connect.get_client(dsn=f"chdb://{path}")
-        client = clickhouse_connect.get_client(dsn=dsn, connect_timeout=5, send_receive_timeout=60)
+        client = clickhouse_connect.get_client(
+            dsn=server_dsn(dsn),
+            compress=SERVER_COMPRESSION,
+            connect_timeout=5,
+            send_receive_timeout=60,
+        )
+        for name, value in server_settings(set(client.server_settings)).items():
+            client.set_client_setting(name, value)
         client.command("SELECT 1")
         return client
     except Exception as exc:  # clickhouse-connect raises several unrelated types
         msg = f"cannot reach ClickHouse at {redact(dsn)}: {_first_line(exc)}"
         raise ServiceError(msg) from None
+
+
+def server_dsn(dsn: str) -> str:
+    """A server DSN without its database path: the client then has no session database, so it
+    connects before `keypulse migrate` has created that database."""
+    return urlunparse(urlparse(dsn)._replace(path=""))
+
+
+def server_settings(known: set[str]) -> dict[str, str | int]:
+    """`SERVER_SETTINGS` that a server knowing the settings `known` accepts: an older server
+    refuses every request that names a setting it does not have."""
+    return {name: value for name, value in SERVER_SETTINGS.items() if name in known}
 
 
 def shared_client(settings: Settings) -> Client:

@@ -6,7 +6,7 @@ import argparse
 
 from core.clickhouse import connect, redact
 from core.settings import Settings
-from infra.clickhouse.migrate import migrate
+from infra.clickhouse.migrate import ensure_analyst, migrate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     dsn = args.dsn or settings.dsn
     client = connect(dsn)
     applied = migrate(client, settings, progress=lambda line: print(f"  {line}", flush=True))
+    ensure_analyst(client, settings, progress=lambda line: print(f"  {line}", flush=True))
     where = redact(dsn)
     if applied:
         print(f"migrated {where}: applied {', '.join(applied)}")
