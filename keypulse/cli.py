@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "gen": "emit realistic usage events to Kafka (SDK stand-in and load generator)",
     "token": "mint a JWT with the configured secret",
     "sql": "read-only SQL on the store (through the running API, else directly)",
+    "dlq": "dead letters: inspect usage.events.dlq, replay records to usage.events once",
 }
 # The commands that serve (or load) the HTTP API, whose usage exports need pyarrow.
 ARROW_COMMANDS = frozenset({"run", "api", "sql"})

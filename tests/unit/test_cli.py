@@ -12,7 +12,7 @@ from keypulse.cli import COMMANDS, build_parser, main
 
 def test_the_commands_of_the_design_exist() -> None:
     assert set(COMMANDS) == {"kafka", "migrate", "run", "pipeline", "api", "ws", "gen", "token",
-                             "sql"}
+                             "sql", "dlq"}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
