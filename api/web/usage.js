@@ -12,6 +12,10 @@ const RANGES = {
   "7d": { ms: 7 * 86_400_000, interval: "1h", stepMs: 3_600_000 },
 };
 const REFETCH_MS = 60_000; // history again (drift from races and late windows heals)
+// A final window that reaches the page this soon after a history request started may already
+// be in its answer (the pipeline stores a window, then announces it): it is left out of the
+// figures, and the history is asked again, until an answer settles which it is.
+const SETTLE_MS = 5_000;
 
 export const usage = {
   range: "1h",
@@ -20,6 +24,8 @@ export const usage = {
   history: new Map(), // service → Map(bucket ms → point)
   live: new Map(), // service → Map(window start ms → {rec, provisional, at})
   fetchedAt: 0,
+  askedAt: 0, // when the request behind `history` started
+  settling: null, // a timer: the history again, to settle final windows that may be in it
   triedAt: 0,
   finalUpTo: 0,
   liveUpTo: 0,
@@ -36,6 +42,7 @@ function serviceColor(service) {
 export async function loadUsage() {
   const range = RANGES[usage.range];
   const to = Date.now();
+  const askedAt = to;
   const from = to - range.ms;
   const span = { from: new Date(from).toISOString(), to: new Date(to + range.stepMs).toISOString() };
   const token = {};
@@ -64,10 +71,18 @@ export async function loadUsage() {
       usage.history.set(service, buckets);
     });
     usage.fetchedAt = Date.now();
-    // Live windows from before this answer are in it (or will be at the next fetch).
+    usage.askedAt = askedAt;
+    // A final window announced before the request started is in its answer; one announced
+    // just after may be too (unsettled: left out, and the history asked again soon).
+    let unsettled = false;
     for (const windows of usage.live.values()) {
-      for (const [start, w] of windows) if (!w.provisional && w.at <= usage.fetchedAt) windows.delete(start);
+      for (const [start, w] of windows) {
+        if (w.provisional) continue;
+        if (w.at < askedAt) windows.delete(start);
+        else if ((w.unsettled = w.at - askedAt < SETTLE_MS)) unsettled = true;
+      }
     }
+    if (unsettled) settleSoon();
     const lastPoint = Math.max(0, ...series.flatMap((s) => s.points.map((p) => Date.parse(p.time))));
     usage.finalUpTo = Math.max(usage.finalUpTo, lastPoint ? lastPoint + range.stepMs : 0);
     renderServiceFilter();
@@ -90,7 +105,10 @@ export function onStats(rec, frame) {
   const windows = usage.live.get(rec.service);
   const known = windows.get(start);
   if (known && !known.provisional && provisional) return; // the final already replaced it
-  windows.set(start, { rec, provisional, at: Date.now() });
+  const at = Date.now();
+  const unsettled = !provisional && usage.askedAt > 0 && at - usage.askedAt < SETTLE_MS;
+  windows.set(start, { rec, provisional, at, unsettled });
+  if (unsettled) settleSoon();
   if (provisional) usage.liveUpTo = Math.max(usage.liveUpTo, frame?.ts ?? Date.now());
   else usage.finalUpTo = Math.max(usage.finalUpTo, end);
   if (!usage.services.includes(rec.service)) {
@@ -103,7 +121,17 @@ export function onStats(rec, frame) {
   scheduleDraw();
 }
 
-/** The figures per bucket of one service: history, plus live windows that arrived after it. */
+/** The history again in a second (once), to settle which final windows its answer holds. */
+function settleSoon() {
+  if (usage.settling) return;
+  usage.settling = setTimeout(() => {
+    usage.settling = null;
+    if (session.token) loadUsage();
+  }, 1000);
+}
+
+/** The figures per bucket of one service: history, plus live windows that arrived after it
+ * (not the unsettled ones, which the history may already count). */
 function bucketsOf(service) {
   const range = RANGES[usage.range];
   const step = range.stepMs;
@@ -113,6 +141,7 @@ function bucketsOf(service) {
       tokens: (p.tokens_in ?? 0) + (p.tokens_out ?? 0), cost: p.cost_usd ?? 0, provisional: false });
   }
   for (const [start, w] of usage.live.get(service) ?? []) {
+    if (w.unsettled) continue;
     const t = start - (start % step);
     const r = w.rec;
     const b = merged.get(t);
@@ -152,6 +181,7 @@ export function drawUsage() {
   const shown = usage.service ? [usage.service] : usage.services.slice(0, 8);
   const rps = [], success = [], latency = [];
   const totals = { requests: 0, successes: 0, tokens: 0, cost: 0 };
+  const newest = new Map(); // service → its newest bucket with requests (the legend's data-*)
   for (const service of shown) {
     const buckets = bucketsOf(service);
     const color = serviceColor(service);
@@ -167,6 +197,7 @@ export function drawUsage() {
         continue;
       }
       const mid = t;
+      newest.set(service, { t, ...b });
       pts.rps.push({ t: mid, v: b.requests / (step / 1000), provisional: b.provisional });
       pts.ok.push({ t: mid, v: b.requests ? b.successes / b.requests : null, provisional: b.provisional });
       pts.p95.push({ t: mid, v: b.p95, provisional: b.provisional });
@@ -187,14 +218,19 @@ export function drawUsage() {
   lineChart($("#chart-success"), { series: success, from, to, yMin: floor === 0.99 ? 0.98 : floor, yMax: 1,
     format: fmt.pct, label: "Success rate" });
   lineChart($("#chart-latency"), { series: latency, from, to, format: fmt.ms, label: "Latency p95 and p99" });
-  renderLegend(shown);
+  renderLegend(shown, newest);
   renderKpis(totals);
   renderFreshness();
 }
 
-function renderLegend(shown) {
+/** One item per service; its data-* attributes hold the figures of the service's newest bucket
+ * with requests, as drawn (machine-readable, for tests and scripts: the charts are SVG). */
+function renderLegend(shown, newest) {
+  const figures = (b) => b && { bucket: new Date(b.t).toISOString(), requests: b.requests, successes: b.successes,
+    p95: b.p95 ?? "", p99: b.p99 ?? "", tokens: b.tokens, cost: b.cost, provisional: b.provisional };
   $("#legend").replaceChildren(...shown.map((service) =>
-    h("span", { class: "legend-item" }, h("span", { class: `swatch c${serviceColor(service)}`, "aria-hidden": "true" }), service)));
+    h("span", { class: "legend-item", dataset: { service, ...figures(newest.get(service)) } },
+      h("span", { class: `swatch c${serviceColor(service)}`, "aria-hidden": "true" }), service)));
 }
 
 function renderKpis(totals) {
