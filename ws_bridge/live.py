@@ -65,13 +65,11 @@ from ws_bridge.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-TICK_S = 0.25  # how often the loop checks what is due
+TICK_S = 0.05  # how often the loop takes what is due (frames wait at most this for a tick)
 INTERVAL_S = 1.0  # at most one provisional frame per (user, service) per interval
 MARGIN_S = 10.0  # a window is dropped once older than window + lateness + this
 SWEEP_S = 1.0  # how often expired windows and unwatched users are dropped
 SLICE_S = 0.002  # loop time per slice of frame encoding and offering
-FOLD_CHUNK = 256  # events folded per hold of the lock
-YIELD_S = 0.0002  # the Kafka thread's pause between chunks while the loop waits for the lock
 RAW_MAX = 256  # raw latencies kept per window (exact percentiles); past it, sketch bins
 MAX_IDS = 16_384  # event ids kept per window for dedup
 MAX_IDS_TOTAL = 500_000  # ... and in all (at most ~30 MB)
@@ -162,8 +160,8 @@ class Window:
 class Series:
     """One (user, service): its open windows and when its last frame went out."""
 
-    __slots__ = ("final_floor", "last_emit", "pending", "service", "siblings", "user_id",
-                 "windows")
+    __slots__ = ("due_index", "final_floor", "last_emit", "pending", "service", "siblings",
+                 "user_id", "windows")
 
     def __init__(self, user_id: str, service: str, siblings: dict[str, Series]) -> None:
         self.user_id = user_id
@@ -172,7 +170,8 @@ class Series:
         self.windows: dict[int, Window] = {}  # window start (epoch ms) → accumulator
         self.last_emit = -math.inf  # tick time of its last frame
         self.final_floor = -1  # start (ms) of the newest window whose final record passed
-        self.pending = False  # in LiveTier._pending
+        self.pending = False  # has news, in the bucket of tick `due_index` (LiveTier._due)
+        self.due_index = 0
 
 
 class Due:
@@ -215,12 +214,12 @@ class LiveTier:
         self.horizon_ms = self.window_ms + int((settings.allowed_lateness_seconds + margin) * 1000)
         self.skew_ms = settings.max_clock_skew_seconds * 1000
         self.max_services = settings.max_services_per_user
+        # The bridge calls everything on its event loop; the lock is for callers elsewhere.
         self.lock = threading.Lock()
-        # set by the loop while it waits for `lock`: without a pause between its chunks,
-        # the Kafka thread (holding the GIL) would take the lock again at once, all batch long
-        self.waiting = False
         self._users: dict[bytes, dict[str, Series]] = {}
-        self._pending: set[Series] = set()  # series with a changed window
+        # series with a changed window, by the tick (index on the tick grid) they are due
+        # at: a tick takes its own buckets, never a scan of everything pending
+        self._due: dict[int, list[Series]] = {}
         self._bounds: dict[int, tuple[datetime, datetime]] = {}
         self._next_sweep = 0.0
         self._backlog: deque[dict[str, Series]] = deque()  # due users, to take and send
@@ -247,97 +246,105 @@ class LiveTier:
         newest_ts = now_ms + self.skew_ms  # the pipeline refuses events further ahead
         window_ms = self.window_ms
         users = self._users
-        pending = self._pending
-        for first in range(0, len(messages), FOLD_CHUNK):
-            if self.waiting:  # the loop waits for the lock: let it in (the GIL with it)
-                time.sleep(YIELD_S)
-            with self.lock:  # in chunks: the loop takes due users in between
-                for key, value in messages[first:first + FOLD_CHUNK]:
-                    try:
-                        event = _decode(value)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+        with self.lock:
+            for key, value in messages:
+                try:
+                    event = _decode(value)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    self.invalid += 1
+                    continue
+                ts = event.ts
+                if ts.__class__ is int:
+                    ts_ms: int = ts  # type: ignore[assignment]
+                elif ts.__class__ is float:
+                    ts_ms = int(ts)  # type: ignore[arg-type]
+                else:
+                    ts_ms = int(ts.timestamp() * 1000)  # type: ignore[union-attr]
+                if not MIN_TS_MS <= ts_ms <= newest_ts:
+                    self.invalid += 1
+                    continue
+                start = ts_ms - ts_ms % window_ms
+                if start <= oldest:
+                    self.late += 1
+                    continue
+                services = users.get(key)
+                if services is None:
+                    if event.user_id.encode() != key:
                         self.invalid += 1
                         continue
-                    ts = event.ts
-                    if ts.__class__ is int:
-                        ts_ms: int = ts  # type: ignore[assignment]
-                    elif ts.__class__ is float:
-                        ts_ms = int(ts)  # type: ignore[arg-type]
-                    else:
-                        ts_ms = int(ts.timestamp() * 1000)  # type: ignore[union-attr]
-                    if not MIN_TS_MS <= ts_ms <= newest_ts:
-                        self.invalid += 1
-                        continue
-                    start = ts_ms - ts_ms % window_ms
-                    if start <= oldest:
-                        self.late += 1
-                        continue
-                    services = users.get(key)
-                    if services is None:
-                        if event.user_id.encode() != key:
-                            self.invalid += 1
-                            continue
-                        services = users[key] = {}
-                    series = services.get(event.service)
+                    services = users[key] = {}
+                series = services.get(event.service)
+                if series is None:
+                    series = self._new_series(services, key, event.user_id, event.service)
                     if series is None:
-                        series = self._new_series(services, key, event.user_id, event.service)
-                        if series is None:
-                            continue
-                    elif event.user_id != series.user_id:
-                        self.invalid += 1
                         continue
-                    if start <= series.final_floor:
-                        self.late += 1
+                elif event.user_id != series.user_id:
+                    self.invalid += 1
+                    continue
+                if start <= series.final_floor:
+                    self.late += 1
+                    continue
+                window = series.windows.get(start)
+                if window is None:
+                    if (len(series.windows) >= MAX_WINDOWS
+                            or self.accumulators >= MAX_ACCUMULATORS):
+                        self.overflow += 1
                         continue
-                    window = series.windows.get(start)
-                    if window is None:
-                        if (len(series.windows) >= MAX_WINDOWS
-                                or self.accumulators >= MAX_ACCUMULATORS):
-                            self.overflow += 1
-                            continue
-                        window = series.windows[start] = Window()
-                        self.accumulators += 1
-                    digest = hash(event.event_id)
-                    ids = window.ids
-                    if digest in ids:
-                        self.duplicates += 1
-                        continue
-                    if len(ids) < MAX_IDS and self.ids < MAX_IDS_TOTAL:
-                        if isinstance(ids, set):
-                            ids.add(digest)
-                        else:
-                            ids.append(digest)
-                            if len(ids) > SMALL_IDS:
-                                window.ids = set(ids)
-                        self.ids += 1
+                    window = series.windows[start] = Window()
+                    self.accumulators += 1
+                digest = hash(event.event_id)
+                ids = window.ids
+                if digest in ids:
+                    self.duplicates += 1
+                    continue
+                if len(ids) < MAX_IDS and self.ids < MAX_IDS_TOTAL:
+                    if isinstance(ids, set):
+                        ids.add(digest)
                     else:
-                        window.deduplicated = False
-                    self.events += 1
-                    window.requests += 1
-                    status = event.status_code
-                    if status < 400:
-                        window.successes += 1
-                    elif status < 500:
-                        window.client_errors += 1
-                    else:
-                        window.server_errors += 1
-                    latency = event.latency_ms
-                    window.latency_sum += latency
-                    if latency > window.latency_max:
-                        window.latency_max = latency
-                    window.add_latency(latency)
-                    if event.tokens_in:
-                        window.tokens_in += event.tokens_in
-                    if event.tokens_out:
-                        window.tokens_out += event.tokens_out
-                    if event.cost_usd:
-                        window.cost += event.cost_usd
-                    if ts_ms > window.as_of:
-                        window.as_of = ts_ms
-                    window.dirty = True
-                    if not series.pending:
-                        series.pending = True
-                        pending.add(series)
+                        ids.append(digest)
+                        if len(ids) > SMALL_IDS:
+                            window.ids = set(ids)
+                    self.ids += 1
+                else:
+                    window.deduplicated = False
+                self.events += 1
+                window.requests += 1
+                status = event.status_code
+                if status < 400:
+                    window.successes += 1
+                elif status < 500:
+                    window.client_errors += 1
+                else:
+                    window.server_errors += 1
+                latency = event.latency_ms
+                window.latency_sum += latency
+                if latency > window.latency_max:
+                    window.latency_max = latency
+                window.add_latency(latency)
+                if event.tokens_in:
+                    window.tokens_in += event.tokens_in
+                if event.tokens_out:
+                    window.tokens_out += event.tokens_out
+                if event.cost_usd:
+                    window.cost += event.cost_usd
+                if ts_ms > window.as_of:
+                    window.as_of = ts_ms
+                window.dirty = True
+                if not series.pending:
+                    self._schedule(series)
+
+    def _schedule(self, series: Series) -> None:
+        """Under the lock: `series` has news; due on the first tick `interval` after its last
+        frame (at once, on the next tick, if that is past)."""
+        series.pending = True
+        due_at = series.last_emit + self.interval
+        index = math.ceil(due_at / self.tick - 1e-6) if due_at > -math.inf else 0
+        series.due_index = index
+        bucket = self._due.get(index)
+        if bucket is None:
+            self._due[index] = [series]
+        else:
+            bucket.append(series)
 
     def _new_series(self, services: dict[str, Series], key: bytes, user_id: str,
                     service: str) -> Series | None:
@@ -431,9 +438,7 @@ class LiveTier:
         try:
             while backlog:
                 taken: list[list[Due]] = []
-                self.waiting = True
                 with self.lock:
-                    self.waiting = False
                     for _ in range(min(32, len(backlog))):
                         due = self._take(backlog.popleft(), now)
                         if due:
@@ -460,15 +465,24 @@ class LiveTier:
 
     def _due_users(self, now: float) -> list[dict[str, Series]]:
         """Under the lock: the users with a pending (user, service) whose last update is at
-        least `interval` old (each as its series by service). Sweeps once every SWEEP_S."""
+        least `interval` old (each as its series by service), from the buckets of the ticks
+        up to `now`. Sweeps once every SWEEP_S."""
         if now >= self._next_sweep:
             self._sweep(now)
             self._next_sweep = now + SWEEP_S
         interval = self.interval
+        last = math.floor(now / self.tick + 1e-6)
+        buckets = self._due
         users: dict[int, dict[str, Series]] = {}
-        for series in self._pending:
-            if now - series.last_emit >= interval:
-                users[id(series.siblings)] = series.siblings
+        for index in sorted(i for i in buckets if i <= last):
+            for series in buckets.pop(index):
+                if not series.pending or series.due_index != index:
+                    continue  # taken with a sibling, swept, or due at another tick since
+                if now - series.last_emit >= interval:
+                    users[id(series.siblings)] = series.siblings
+                else:  # float rounding on the grid: its tick is the next one
+                    series.due_index = last + 1
+                    buckets.setdefault(last + 1, []).append(series)
         return list(users.values())
 
     def _take(self, siblings: dict[str, Series], now: float) -> list[Due]:
@@ -479,14 +493,11 @@ class LiveTier:
         (their rhythm becomes the user's), in one socket write per connection."""
         due: list[Due] = []
         interval = self.interval
-        pending = self._pending
         for series in siblings.values():
             if now - series.last_emit < interval:
                 continue
             series.last_emit = now
-            if series.pending:
-                series.pending = False
-                pending.discard(series)
+            series.pending = False  # a bucket still holding it skips it
             windows = series.windows
             changed = [start for start, window in windows.items() if window.dirty]
             if len(changed) > 1:
@@ -558,15 +569,12 @@ class LiveTier:
         (under the lock; `stats_keys` is the loop's own, read without its lock)."""
         watched = self.registry.stats_keys
         oldest = int(now * 1000) - self.horizon_ms
-        pending = self._pending
         for key, services in list(self._users.items()):
             if key not in watched:
                 for series in services.values():
                     for start in list(series.windows):
                         self._drop_window(series, start)
-                    if series.pending:
-                        series.pending = False
-                        pending.discard(series)
+                    series.pending = False  # its bucket skips it
                 del self._users[key]
                 continue
             for service, series in list(services.items()):
