@@ -197,6 +197,9 @@ class Router:
         """Offer each prepared message to its user's connections (or everyone's)."""
         by_user = self.registry.by_user
         routed_count = 0
+        # Stats frames (a window closing brings one per service of every user at once) are
+        # queued, then written in one go per connection at the end of the batch.
+        flush: dict[int, Connection] = {}
         for routed in batch:
             routed_count += 1
             if routed.mode is Mode.BROADCAST:
@@ -211,7 +214,8 @@ class Router:
                 if not conn.channels & channel:
                     continue
                 if mode is Mode.STATS:
-                    conn.offer_stats(routed.prefix, routed.coalesce)
+                    conn.offer_stats(routed.prefix, routed.coalesce, flush=False)
+                    flush[id(conn)] = conn
                 elif mode is Mode.CURSOR:
                     if routed.origin is not None and routed.origin == conn.connection_id:
                         # the sender's own read-state change: not echoed, but the
@@ -223,6 +227,8 @@ class Router:
                     conn.offer_must(routed.prefix)
                 else:
                     conn.offer_droppable(routed.prefix)
+        for conn in flush.values():
+            conn.flush()
         self.stats.messages_routed += routed_count
         self.stats.delivered(batch)  # one observation per batch (stats.py)
 
