@@ -187,6 +187,13 @@ def run_pipeline(
         if "signal received" not in str(exc):
             msg = f"the dataflow failed: {_first_line(exc)}"
             raise PipelineFailed(msg) from exc
+    except BaseException as exc:
+        # A panic in Bytewax's Rust (a peer of the cluster died: "Send thread panic") comes
+        # as pyo3's PanicException, a BaseException that `except Exception` lets through.
+        if type(exc).__name__ != "PanicException":
+            raise
+        msg = f"the dataflow failed: {_first_line(exc)}"
+        raise PipelineFailed(msg) from exc
     if not stop.is_set():  # the sources never end by themselves
         msg = "the dataflow ended without being asked to stop"
         raise PipelineFailed(msg)
