@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
@@ -32,6 +33,8 @@ from ws_bridge.router import BROADCAST_KEY, Kind, Routed, Router, origin_of
 from ws_bridge.stats import BridgeStats
 
 logger = logging.getLogger(__name__)
+
+ROUTE_SLICE = 256  # prepared messages offered per turn of the event loop
 
 METADATA_TIMEOUT_S = 10.0
 REFRESH_S = 5.0
@@ -56,6 +59,9 @@ class KafkaFeed:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._assigned: set[str] = set()
         self.ready = threading.Event()
+        # prepared messages not offered yet, in Kafka's order: offered a slice at a time
+        self._routed: deque[Routed] = deque()
+        self._routing = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -229,7 +235,24 @@ class KafkaFeed:
             if finals:
                 live.finalize(finals)  # before the final frames are dispatched
         if batch:
-            self.router.dispatch(batch)
+            self._routed.extend(batch)
+            if not self._routing:
+                self._routing = True
+                self._route_slice()
+
+    def _route_slice(self) -> None:
+        """Offer up to ROUTE_SLICE prepared messages, then let the loop run: a window's
+        close brings a final record for every watched (user, service) at once, and offering
+        them in one go held the loop (and the provisional frames behind it) for a second."""
+        routed = self._routed
+        live = self.live
+        count = min(len(routed), ROUTE_SLICE)
+        self.router.dispatch([routed.popleft() for _ in range(count)],
+                             hold=live.hold if live is not None else None)
+        if routed and self._loop is not None:
+            self._loop.call_soon(self._route_slice)
+        else:
+            self._routing = False
 
     def _on_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._PARTITION_EOF:

@@ -60,13 +60,18 @@ from core.telemetry import Described
 from schemas.events import MIN_TS_MS, SERVICE_PATTERN
 from schemas.stats import StatsRecord
 from schemas.ws import StatsUpdate
-from ws_bridge.connection import STATS
+from ws_bridge.connection import STATS, Connection
 from ws_bridge.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.05  # how often the loop takes what is due (frames wait at most this for a tick)
 INTERVAL_S = 1.0  # at most one provisional frame per (user, service) per interval
+# A final frame waits at most this long, queued, to go out in the same socket write as its
+# user's next provisional update: a window's close brings a final frame for every (user,
+# service) at once, and writing them at once (one write per user) stalled the loop, and the
+# provisional frames behind it, for most of a second at 10,000 users.
+HOLD_S = 1.0
 MARGIN_S = 10.0  # a window is dropped once older than window + lateness + this
 SWEEP_S = 1.0  # how often expired windows and unwatched users are dropped (a round of sweeps
 # over every user, a slice of them per tick: one pass over 10,000 users took the loop ~50 ms)
@@ -226,6 +231,7 @@ class LiveTier:
         self._sweeping: list[bytes] = []  # the users the running round has still to sweep
         self._sweep_slice = 1  # users swept per tick in this round
         self._backlog: deque[dict[str, Series]] = deque()  # due users, to take and send
+        self._held: deque[tuple[float, Connection]] = deque()  # (write by, connection)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.Handle | None = None
         self._tick_at = 0.0  # loop time of the next tick
@@ -404,6 +410,20 @@ class LiveTier:
             self._timer.cancel()
             self._timer = None
         self._backlog.clear()
+        while self._held:  # what waited goes out now
+            self._held.popleft()[1].flush()
+
+    def hold(self, conn: Connection) -> None:
+        """`conn` has final frames queued: they go out with its user's next update, or at
+        the latest HOLD_S from now (loop only)."""
+        self._held.append((time.monotonic() + HOLD_S, conn))
+
+    def _write_held(self) -> None:
+        """Write what waited HOLD_S (a connection written since has nothing left: cheap)."""
+        held = self._held
+        now = time.monotonic()
+        while held and held[0][0] <= now:
+            held.popleft()[1].flush()
 
     def _on_tick(self) -> None:
         loop = self._loop
@@ -412,6 +432,8 @@ class LiveTier:
         # Handle, without `when()`, for a time already past)
         self._tick_at = max(self._tick_at + self.tick, loop.time())
         self._timer = loop.call_at(self._tick_at, self._on_tick)
+        if self._held:
+            self._write_held()
         if self._backlog:  # the last tick's users are still being served: they go first
             return
         # on the tick grid, so frames of one series are at least `interval` apart exactly

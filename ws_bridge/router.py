@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
@@ -193,8 +193,11 @@ class Router:
 
     # -- event loop -----------------------------------------------------------------------
 
-    def dispatch(self, batch: Iterable[Routed]) -> None:
-        """Offer each prepared message to its user's connections (or everyone's)."""
+    def dispatch(self, batch: Iterable[Routed],
+                 hold: Callable[[Connection], None] | None = None) -> None:
+        """Offer each prepared message to its user's connections (or everyone's). Stats
+        frames are written at the end of the batch, one write per connection, or handed to
+        `hold` (the live tier's: they go out with the user's next update, within a second)."""
         by_user = self.registry.by_user
         routed_count = 0
         # Stats frames (a window closing brings one per service of every user at once) are
@@ -227,8 +230,12 @@ class Router:
                     conn.offer_must(routed.prefix)
                 else:
                     conn.offer_droppable(routed.prefix)
-        for conn in flush.values():
-            conn.flush()
+        if hold is not None:
+            for conn in flush.values():
+                hold(conn)
+        else:
+            for conn in flush.values():
+                conn.flush()
         self.stats.messages_routed += routed_count
         self.stats.delivered(batch)  # one observation per batch (stats.py)
 
