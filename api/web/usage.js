@@ -15,7 +15,7 @@ const REFETCH_MS = 60_000; // history again (drift from races and late windows h
 // A final window that reaches the page this soon after a history request started may already
 // be in its answer (the pipeline stores a window, then announces it): it is left out of the
 // figures, and the history is asked again, until an answer settles which it is.
-const SETTLE_MS = 5_000;
+const SETTLE_MS = 1_000;
 
 export const usage = {
   range: "1h",
@@ -131,7 +131,7 @@ function settleSoon() {
 }
 
 /** The figures per bucket of one service: history, plus live windows that arrived after it
- * (not the unsettled ones, which the history may already count). */
+ * (not the unsettled ones in a bucket the history has: it may already count them). */
 function bucketsOf(service) {
   const range = RANGES[usage.range];
   const step = range.stepMs;
@@ -140,9 +140,12 @@ function bucketsOf(service) {
     merged.set(t, { requests: p.requests, successes: p.successes, p95: p.latency_p95_ms, p99: p.latency_p99_ms,
       tokens: (p.tokens_in ?? 0) + (p.tokens_out ?? 0), cost: p.cost_usd ?? 0, provisional: false });
   }
+  const stored = new Set(merged.keys());
   for (const [start, w] of usage.live.get(service) ?? []) {
-    if (w.unsettled) continue;
     const t = start - (start % step);
+    // An unsettled final whose bucket the history has may be counted there already; one
+    // whose bucket it lacks cannot be (a stored window makes its bucket a point).
+    if (w.unsettled && stored.has(t)) continue;
     const r = w.rec;
     const b = merged.get(t);
     if (!b) {
