@@ -138,33 +138,34 @@ def verify_token(settings: Settings, token: str, *, clock: Clock = system_clock)
 def _decode(settings: Settings, token: str) -> dict[str, Any]:
     """The claims of a token signed with the current key or, during a rotation, the previous
     one; AuthError otherwise."""
-    keys = settings.jwt_verify_keys
-    for index, key in enumerate(keys):
+    current, *previous = settings.jwt_verify_keys
+    try:
         try:
-            return jwt.decode(
-                token,
-                key,
-                algorithms=[settings.jwt_algorithm],
-                audience=settings.jwt_audience,
-                issuer=settings.jwt_issuer,
-                options={
-                    "require": ["exp", "sub", "aud", "iss"],
-                    # time claims are checked by the caller against the injectable clock
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                },
-            )
+            return _claims(settings, token, current)
         except jwt.InvalidSignatureError:
-            if index + 1 < len(keys):
-                continue  # signed before the rotation, perhaps
-            msg = "invalid token: Signature verification failed"
-            raise AuthError(msg) from None
-        except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:  # odd JSON
-            msg = f"invalid token: {str(exc)[:200]}"
-            raise AuthError(msg) from None
-    msg = "invalid token"  # no keys: unreachable, jwt_verify_keys always has the current one
-    raise AuthError(msg)
+            if not previous:
+                raise
+            return _claims(settings, token, previous[0])  # signed before the rotation, perhaps
+    except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:  # odd JSON inside
+        msg = f"invalid token: {str(exc)[:200]}"
+        raise AuthError(msg) from None
+
+
+def _claims(settings: Settings, token: str, key: str) -> dict[str, Any]:
+    return jwt.decode(
+        token,
+        key,
+        algorithms=[settings.jwt_algorithm],
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        options={
+            "require": ["exp", "sub", "aud", "iss"],
+            # time claims are checked by the caller against the injectable clock
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+        },
+    )
 
 
 def valid_user_id(value: object) -> TypeGuard[str]:

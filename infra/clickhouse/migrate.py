@@ -187,8 +187,7 @@ a later version)."""
             try:
                 client.command(statement)
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
-                msg = f"migration {migration.version} failed: {first}"
+                msg = f"migration {migration.version} failed: {_engine_error(exc)}"
                 raise ServiceError(msg) from None
         # A parameterised INSERT, not client.insert(): that one imports pandas (0.3 s of a
         # cold start) to check whether the rows are a DataFrame.
@@ -263,7 +262,12 @@ def ensure_analyst(client: Client, settings: Settings,
             client.command(statement)
         except Exception as exc:
             # the statement holds the password's hash: report the engine's first line only
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
-            msg = f"cannot create the analyst user {user}: {first}"
+            msg = f"cannot create the analyst user {user}: {_engine_error(exc)}"
             raise ServiceError(msg) from None
     return True
+
+
+def _engine_error(exc: BaseException) -> str:
+    """The first line of an engine's error (its message can quote the whole statement)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else repr(exc)
