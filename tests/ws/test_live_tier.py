@@ -349,13 +349,71 @@ def test_sketch_percentiles_within_its_accuracy(latencies: list[float]) -> None:
     assert update.latency_max_ms == max(latencies)
 
 
-def test_frames_are_encoded_as_frame_prefix_does() -> None:
+_TIMES = ("window_start", "window_end", "as_of")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(
+    st.sampled_from((200, 201, 301, 404, 429, 500, 503)),
+    st.floats(min_value=0, max_value=3_600_000, allow_nan=False) | st.integers(0, 10_000),
+    st.integers(0, 2**40), st.integers(0, 2**40),
+    st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    st.integers(-3000, 6999)), min_size=1, max_size=40))
+def test_a_frame_is_the_stats_update_msgspec_would_write(
+        events: list[tuple[int, float, int, int, float, int]]) -> None:
+    """The tier writes its frames' data as one f-string (`LiveTier._data`, for speed): it
+    must decode to the figures of the events, and be the document msgspec writes for them
+    (the same keys in the same order, the same values)."""
     live, _, conns = tier("alice")
-    live.fold([(b"alice", event(latency=12.5, cost_usd=0.25))])
+    live.fold([(b"alice", event(status=status, latency=latency, tokens_in=tin, tokens_out=tout,
+                                cost_usd=cost, ts=int(NOW * 1000) + offset))
+               for status, latency, tin, tout, cost, offset in events])
     (due,) = live.collect(NOW)
     live.deliver(due, 1234)
-    assert conns["alice"].offered[0][0] == frame_prefix("usage_stats_update", live.update(due),
-                                                        1234)
+    prefix = conns["alice"].offered[0][0]
+    head, tail = '{"event":"usage_stats_update","data":', ',"ts":1234,'
+    assert prefix.startswith(head) and prefix.endswith(tail)
+    n = len(events)
+    ok = sum(1 for e in events if e[0] < 400)
+    client = sum(1 for e in events if 400 <= e[0] < 500)
+    server = n - ok - client
+    latencies = [float(e[1]) for e in events]
+    total = 0.0
+    cost = 0.0
+    for e in events:  # in the fold's order: the same float sums
+        total += e[1]
+        cost += e[4]
+    start = datetime.fromtimestamp(1_700_000_000, tz=UTC)
+    expected = StatsUpdate(
+        user_id="alice", service="openai", window_start=start,
+        window_end=datetime.fromtimestamp(1_700_000_010, tz=UTC), window_seconds=10,
+        requests=n, successes=ok, client_errors=client, server_errors=server,
+        success_rate=ok / n, error_rate=(client + server) / n, server_error_rate=server / n,
+        latency_avg_ms=total / n, latency_p50_ms=nearest_rank(latencies, 0.5),
+        latency_p95_ms=nearest_rank(latencies, 0.95),
+        latency_p99_ms=nearest_rank(latencies, 0.99), latency_max_ms=max(latencies),
+        tokens_in=sum(e[2] for e in events), tokens_out=sum(e[3] for e in events),
+        cost_usd=round(cost, 9), latency_sum_ms=total, final=False,
+        as_of=datetime.fromtimestamp(int(NOW * 1000 + max(e[5] for e in events)) / 1000,
+                                     tz=UTC))
+    assert live.update(due) == expected
+    assert decode_server_frame(f'{prefix}"seq":1}}')[1] == expected
+    document = msgspec.json.decode(prefix[len(head):-len(tail)])
+    written = msgspec.json.decode(_enc.encode(expected))
+    assert list(document) == list(written)
+    for key, value in written.items():
+        if key in _TIMES:
+            assert datetime.fromisoformat(document[key]) == datetime.fromisoformat(value)
+        else:
+            assert document[key] == value and type(document[key]) is type(value), key
+
+
+def test_a_frame_escapes_its_names() -> None:
+    live, _, conns = tier('al"ice\\')
+    live.fold([(b'al"ice\\', event('al"ice\\'))])
+    emit(live, _)
+    (update,) = conns['al"ice\\'].updates()
+    assert update.user_id == 'al"ice\\' and update.requests == 1
 
 
 def test_every_counter_is_described() -> None:
