@@ -27,7 +27,10 @@ loop for the GIL and fell seconds behind at 20,000 events/s):
   provisional frame is replaced by a newer one or by the final), one socket write per
   connection. A user's services whose last update is as old go along with the due one, so
   their rhythm becomes the user's.
-- Final frames (`hold`) wait at most `HOLD_S`, queued, to go out in that same write.
+- A final frame (`hold`) waits, queued, for its user's next update (at most `interval`
+  away: the user is made due if nothing of theirs is) and goes out in that same write,
+  taken and written in slices as the provisional frames are; one of a user the tier does
+  not keep (past a bound) is written HOLD_S later.
 - Idle users and expired windows are swept a slice per tick, a round every `SWEEP_S`.
 
 Everything is bounded: services per user (`max_services_per_user`), open windows per
@@ -70,11 +73,12 @@ logger = logging.getLogger(__name__)
 
 TICK_S = 0.05  # how often the loop takes what is due (frames wait at most this for a tick)
 INTERVAL_S = 1.0  # at most one provisional frame per (user, service) per interval
-# A final frame waits at most this long, queued, to go out in the same socket write as its
-# user's next provisional update: a window's close brings a final frame for every (user,
-# service) at once, and writing them at once (one write per user) stalled the loop, and the
-# provisional frames behind it, for most of a second at 10,000 users.
-HOLD_S = 1.0
+# A window's close brings a final frame for every (user, service) at once: writing them at
+# once (one write per user) stalled the loop, and the provisional frames behind it, for most
+# of a second at 10,000 users; so each waits, queued, for its user's next update (at most
+# `interval`: `hold` makes the user due). A final frame that has no update to wait for (its
+# user is past a bound of the tier) is written at the latest this long after.
+HOLD_S = 2.0
 MARGIN_S = 10.0  # a window is dropped once older than window + lateness + this
 SWEEP_S = 1.0  # how often expired windows and unwatched users are dropped (a round of sweeps
 # over every user, a slice of them per tick: one pass over 10,000 users took the loop ~50 ms)
@@ -381,8 +385,10 @@ class LiveTier:
                 start = window_s * 1000
                 if start > series.final_floor:
                     series.final_floor = start
-                for old in [s for s in series.windows if s <= start]:
-                    self._drop_window(series, old)
+                windows = series.windows
+                if windows:
+                    for old in [s for s in windows if s <= start]:
+                        self._drop_window(series, old)
 
     def _drop_window(self, series: Series, start: int) -> None:
         window = series.windows.pop(start)
@@ -406,8 +412,17 @@ class LiveTier:
             self._held.popleft()[1].flush()
 
     def hold(self, conn: Connection) -> None:
-        """`conn` has final frames queued: they go out with its user's next update, or at
-        the latest HOLD_S from now (loop only)."""
+        """`conn` has final frames queued: they go out with its user's next update (the
+        user is made due if nothing of theirs is), or at the latest HOLD_S from now (the
+        safety net, for a user the tier does not keep; loop only)."""
+        services = self._users.get(conn.key)
+        if services:
+            with self.lock:
+                for series in services.values():
+                    if series.pending:
+                        break
+                else:
+                    self._schedule(next(iter(services.values())))
         self._held.append((time.monotonic() + HOLD_S, conn))
 
     def _write_held(self) -> None:
@@ -455,13 +470,19 @@ class LiveTier:
         try:
             while backlog:
                 taken: list[list[Due]] = []
+                idle: list[str] = []  # due for a final frame only: nothing new to add
                 with self.lock:
                     for _ in range(min(32, len(backlog))):
-                        due = self._take(backlog.popleft(), now)
+                        siblings = backlog.popleft()
+                        due = self._take(siblings, now)
                         if due:
                             taken.append(due)
+                        elif siblings:
+                            idle.append(next(iter(siblings.values())).user_id)
                 for due in taken:
                     self.deliver_user(due, ts_ms)
+                for user_id in idle:
+                    self._flush(user_id)
                 if time.perf_counter() >= deadline:
                     break
         except Exception:  # one bad frame must not stop the tier: it is dropped
@@ -588,7 +609,6 @@ class LiveTier:
         conns = self.registry.by_user.get(dues[0].series.user_id)
         if not conns:
             return
-        offered = False
         for due in dues:
             series = due.series
             if due.start_ms <= series.final_floor:
@@ -597,14 +617,18 @@ class LiveTier:
             prefix = f'{_HEAD}{due.data},"ts":{ts_ms},'
             key = (series.service, due.start_ms // 1000)
             self.frames += 1
-            offered = True
             for conn in conns:
                 if conn.channels & STATS:
                     conn.offer_stats(prefix, key, flush=False)
-        if offered:
-            for conn in conns:
-                if conn.channels & STATS:
-                    conn.flush()
+        for conn in conns:  # with the final frames queued for this update, if any
+            if conn.channels & STATS:
+                conn.flush()
+
+    def _flush(self, user_id: str) -> None:
+        """Write what the user's stats connections have queued (their final frames)."""
+        for conn in self.registry.by_user.get(user_id, ()):
+            if conn.channels & STATS:
+                conn.flush()
 
     def _sweep_round(self, now: float, *, everyone: bool = False) -> None:
         """Under the lock: a round of sweeping starts every SWEEP_S and takes a slice of the
