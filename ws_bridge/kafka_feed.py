@@ -35,6 +35,13 @@ from ws_bridge.stats import BridgeStats
 logger = logging.getLogger(__name__)
 
 ROUTE_SLICE = 256  # prepared messages offered per turn of the event loop
+# A window's close brings a final stats record for every watched (user, service) at once
+# (30,000 at 10,000 users): they are decoded, closed in the live tier and offered on the
+# loop a slice at a time, at most FINALS_SLICE_S of every FINALS_GAP_S while the live tier
+# has provisional frames to send (so those never wait behind a close), back to back when it
+# has none. A final frame waits for its user's next update anyway (live.py).
+FINALS_SLICE_S = 0.002
+FINALS_GAP_S = 0.01
 
 METADATA_TIMEOUT_S = 10.0
 REFRESH_S = 5.0
@@ -62,6 +69,9 @@ class KafkaFeed:
         # prepared messages not offered yet, in Kafka's order: offered a slice at a time
         self._routed: deque[Routed] = deque()
         self._routing = False
+        # final stats records (key, value, offset, timestamp) not handled yet, in Kafka's order
+        self._finals: deque[tuple[bytes, bytes, int, int]] = deque()
+        self._finishing = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -207,33 +217,38 @@ class KafkaFeed:
             if not kept and not watched:
                 continue
             batch: list[Routed] = []
-            finals: list[tuple[str, str, int]] = []
+            finals: list[tuple[bytes, bytes, int, int]] = []
             for kind, msg in kept:
+                if kind is Kind.STATS:  # decoded on the loop, a slice at a time
+                    finals.append((msg.key() or b"", msg.value() or b"", msg.offset() or 0,
+                                   msg.timestamp()[1]))
+                    continue
                 origin = origin_of(msg) if kind is Kind.NOTIFICATIONS else None
                 routed = self.router.prepare(kind, msg.key() or b"", msg.value() or b"",
                                              msg.offset() or 0, origin=origin,
                                              timestamp=msg.timestamp()[1])
                 if routed is not None:
                     batch.append(routed)
-                    if kind is Kind.STATS:
-                        finals.append((routed.user_id, *routed.coalesce))
             try:
                 loop.call_soon_threadsafe(self._on_loop, watched, finals, batch)
             except RuntimeError:  # loop closed during shutdown
                 return
 
-    def _on_loop(self, watched: list[tuple[bytes, bytes]], finals: list[tuple[str, str, int]],
-                 batch: list[Routed]) -> None:
+    def _on_loop(self, watched: list[tuple[bytes, bytes]],
+                 finals: list[tuple[bytes, bytes, int, int]], batch: list[Routed]) -> None:
         """On the event loop, in Kafka's order: a batch's watched events are folded into the
-        live tier, its finals close their windows there, then its frames go out. The live
-        tier works on the loop, as the frames it builds do: on a thread of its own it fought
-        the loop for the GIL and fell seconds behind at 20,000 events/s (docs/benchmarks.md)."""
+        live tier, its frames go out, and its final stats records join those waiting
+        (`_finish`). The live tier works on the loop, as the frames it builds do: on a
+        thread of its own it fought the loop for the GIL and fell seconds behind at 20,000
+        events/s (docs/benchmarks.md)."""
         live = self.live
-        if live is not None:
-            if watched:
-                live.fold(watched)
-            if finals:
-                live.finalize(finals)  # before the final frames are dispatched
+        if live is not None and watched:
+            live.fold(watched)
+        if finals:
+            self._finals.extend(finals)
+            if not self._finishing:
+                self._finishing = True
+                self._finish()
         if batch:
             self._routed.extend(batch)
             if not self._routing:
@@ -253,6 +268,39 @@ class KafkaFeed:
             self._loop.call_soon(self._route_slice)
         else:
             self._routing = False
+
+    def _finish(self) -> None:
+        """Handle waiting final stats records for FINALS_SLICE_S: decode and check them,
+        close their windows in the live tier (before their frames are offered, so no
+        provisional frame follows a final one), offer their frames; then let the loop run,
+        and come back after FINALS_GAP_S while the live tier is busy."""
+        finals = self._finals
+        live = self.live
+        router = self.router
+        deadline = time.perf_counter() + FINALS_SLICE_S
+        try:
+            while finals:
+                batch: list[Routed] = []
+                for _ in range(min(64, len(finals))):
+                    key, value, offset, timestamp = finals.popleft()
+                    routed = router.prepare(Kind.STATS, key, value, offset, timestamp=timestamp)
+                    if routed is not None:
+                        batch.append(routed)
+                if live is not None:
+                    live.finalize([(r.user_id, *r.coalesce) for r in batch])
+                router.dispatch(batch, hold=live.hold if live is not None else None)
+                if time.perf_counter() >= deadline:
+                    break
+        except Exception:  # the records taken are lost, not the path
+            logger.exception("final stats records failed")
+        loop = self._loop
+        if finals and loop is not None:
+            if live is not None and live.busy:
+                loop.call_later(FINALS_GAP_S, self._finish)
+            else:
+                loop.call_soon(self._finish)
+        else:
+            self._finishing = False
 
     def _on_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._PARTITION_EOF:

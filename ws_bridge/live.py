@@ -115,6 +115,34 @@ _decode = msgspec.json.Decoder(_Event).decode
 _SERVICE_RE = re.compile(SERVICE_PATTERN)
 
 
+class _Figures(msgspec.Struct, gc=False):
+    """The fields of a provisional `usage_stats_update` after its fixed ones (`Window.head`),
+    in `StatsUpdate`'s order, made positionally; `as_of` comes formatted."""
+
+    requests: int
+    successes: int
+    client_errors: int
+    server_errors: int
+    success_rate: float
+    error_rate: float
+    server_error_rate: float
+    latency_avg_ms: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    latency_max_ms: float
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    schema_version: int
+    latency_sum_ms: float
+    latency_bins: tuple[()]
+    latency_bin_counts: tuple[()]
+    final: bool
+    as_of: str
+    deduplicated: bool
+
+
 class Window:
     """What one (user, service, window) has seen so far."""
 
@@ -245,18 +273,24 @@ class LiveTier:
     # -- folding (the loop) -------------------------------------------------------------
 
     def fold(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
-        """Count `usage.events` messages (key, value) of watched users into their windows."""
+        """Count `usage.events` messages (key, value) of watched users into their windows.
+        (The hot path at 20,000 events/s: names are bound locally and counters kept in
+        locals, written back once per batch.)"""
         now_ms = int(self.clock() * 1000)
         oldest = now_ms - self.horizon_ms  # a window starting at or before this is gone
         newest_ts = now_ms + self.skew_ms  # the pipeline refuses events further ahead
         window_ms = self.window_ms
         users = self._users
+        decode = _decode
+        insort = bisect.insort
+        schedule = self._schedule
+        invalid = late = overflow = duplicates = counted = 0
         with self.lock:
             for key, value in messages:
                 try:
-                    event = _decode(value)
+                    event = decode(value)
                 except (msgspec.DecodeError, msgspec.ValidationError):
-                    self.invalid += 1
+                    invalid += 1
                     continue
                 ts = event.ts
                 if ts.__class__ is int:
@@ -266,53 +300,53 @@ class LiveTier:
                 else:
                     ts_ms = int(ts.timestamp() * 1000)  # type: ignore[union-attr]
                 if not MIN_TS_MS <= ts_ms <= newest_ts:
-                    self.invalid += 1
+                    invalid += 1
                     continue
                 start = ts_ms - ts_ms % window_ms
                 if start <= oldest:
-                    self.late += 1
+                    late += 1
                     continue
                 services = users.get(key)
                 if services is None:
                     if event.user_id.encode() != key:
-                        self.invalid += 1
+                        invalid += 1
                         continue
                     services = users[key] = {}
                 series = services.get(event.service)
                 if series is None:
                     series = self._new_series(services, key, event.user_id, event.service)
-                    if series is None:
+                    if series is None:  # counted there
                         continue
                 elif event.user_id != series.user_id:
-                    self.invalid += 1
+                    invalid += 1
                     continue
                 if start <= series.final_floor:
-                    self.late += 1
+                    late += 1
                     continue
                 window = series.windows.get(start)
                 if window is None:
                     if (len(series.windows) >= MAX_WINDOWS
                             or self.accumulators >= MAX_ACCUMULATORS):
-                        self.overflow += 1
+                        overflow += 1
                         continue
                     window = series.windows[start] = Window()
                     self.accumulators += 1
                 digest = hash(event.event_id)
                 ids = window.ids
                 if digest in ids:
-                    self.duplicates += 1
+                    duplicates += 1
                     continue
                 if len(ids) < MAX_IDS and self.ids < MAX_IDS_TOTAL:
-                    if isinstance(ids, set):
-                        ids.add(digest)
+                    if ids.__class__ is set:
+                        ids.add(digest)  # type: ignore[union-attr]
                     else:
-                        ids.append(digest)
+                        ids.append(digest)  # type: ignore[union-attr]
                         if len(ids) > SMALL_IDS:
                             window.ids = set(ids)
                     self.ids += 1
                 else:
                     window.deduplicated = False
-                self.events += 1
+                counted += 1
                 window.requests += 1
                 status = event.status_code
                 if status < 400:
@@ -325,7 +359,11 @@ class LiveTier:
                 window.latency_sum += latency
                 if latency > window.latency_max:
                     window.latency_max = latency
-                window.add_latency(latency)
+                latencies = window.latencies
+                if latencies is not None and len(latencies) < RAW_MAX:
+                    insort(latencies, latency)
+                else:
+                    window.add_latency(latency)
                 if event.tokens_in:
                     window.tokens_in += event.tokens_in
                 if event.tokens_out:
@@ -336,7 +374,12 @@ class LiveTier:
                     window.as_of = ts_ms
                 window.dirty = True
                 if not series.pending:
-                    self._schedule(series)
+                    schedule(series)
+            self.invalid += invalid
+            self.late += late
+            self.overflow += overflow
+            self.duplicates += duplicates
+            self.events += counted
 
     def _schedule(self, series: Series) -> None:
         """Under the lock: `series` has news; due on the first tick `interval` after its last
@@ -410,6 +453,11 @@ class LiveTier:
         self._backlog.clear()
         while self._held:  # what waited goes out now
             self._held.popleft()[1].flush()
+
+    @property
+    def busy(self) -> bool:
+        """Users are waiting for their provisional frames (loop only)."""
+        return bool(self._backlog)
 
     def hold(self, conn: Connection) -> None:
         """`conn` has final frames queued: they go out with its user's next update (the
@@ -548,10 +596,12 @@ class LiveTier:
 
     def _data(self, series: Series, start: int, window: Window) -> str:
         """The `usage_stats_update` data of a window's figures now, as JSON: a `StatsUpdate`
-        with `"final": false` (the fields of the stats record, in its order), written as one
-        f-string (a third of the cost of building the struct and encoding it: at 10,000
-        users this runs 15,000 times a second, on the loop). Its fixed fields are made once
-        per window; `tests/ws/test_live_tier.py` checks it decodes to what msgspec writes."""
+        with `"final": false` (the fields of the stats record, in its order). Its fixed
+        fields are made once per window, the others are a `_Figures` (numbers only: a fifth
+        of the cost of a `StatsUpdate` with its datetimes, and a third of an f-string's; at
+        10,000 users this runs 15,000 times a second, on the loop).
+        `tests/ws/test_live_tier.py` checks it decodes to what msgspec writes for the
+        `StatsUpdate`."""
         head = window.head
         if not head:
             head = window.head = (
@@ -567,20 +617,13 @@ class LiveTier:
         latency_sum = window.latency_sum
         p50, p95, p99 = window.quantiles()
         as_of = window.as_of
-        return (
-            f'{head}"requests":{requests},"successes":{successes},'
-            f'"client_errors":{client_errors},"server_errors":{server_errors},'
-            f'"success_rate":{successes / requests},'
-            f'"error_rate":{(client_errors + server_errors) / requests},'
-            f'"server_error_rate":{server_errors / requests},'
-            f'"latency_avg_ms":{latency_sum / requests},"latency_p50_ms":{p50},'
-            f'"latency_p95_ms":{p95},"latency_p99_ms":{p99},'
-            f'"latency_max_ms":{window.latency_max},"tokens_in":{window.tokens_in},'
-            f'"tokens_out":{window.tokens_out},"cost_usd":{round(window.cost, 9)},'
-            f'"schema_version":1,"latency_sum_ms":{latency_sum},"latency_bins":[],'
-            f'"latency_bin_counts":[],"final":false,'
-            f'"as_of":"{self._rfc3339(as_of)}.{as_of % 1000:03d}Z",'
-            f'"deduplicated":{"true" if window.deduplicated else "false"}}}')
+        return head + _encode(_Figures(
+            requests, successes, client_errors, server_errors, successes / requests,
+            (client_errors + server_errors) / requests, server_errors / requests,
+            latency_sum / requests, p50, p95, p99, window.latency_max, window.tokens_in,
+            window.tokens_out, round(window.cost, 9), 1, latency_sum, (), (), False,
+            f"{self._rfc3339(as_of)}.{as_of % 1000:03d}Z", window.deduplicated,
+        ))[1:].decode()
 
     def _rfc3339(self, ms: int) -> str:
         """`YYYY-MM-DDTHH:MM:SS` (UTC) of an epoch time in ms, cached per second."""
