@@ -646,26 +646,30 @@ class LiveTier:
         self.deliver_user([due], ts_ms)
 
     def deliver_user(self, dues: list[Due], ts_ms: int) -> None:
-        """Encode each due frame (all of one user) once and offer them to the user's stats
-        connections, then write them in one go per connection; a frame whose window's final
-        record passed meanwhile is left out (the final frame must stay the last)."""
+        """Encode each due frame (all of one user) once and write them to the user's stats
+        connections, in one write per connection: at once if nothing is queued there, else
+        offered after what is (the final frames waiting for this update, `hold`) and written
+        with it. A frame whose window's final record passed meanwhile is left out (the final
+        frame must stay the last)."""
         conns = self.registry.by_user.get(dues[0].series.user_id)
         if not conns:
             return
+        prefixes: list[str] = []
+        keys: list[tuple[str, int]] = []
         for due in dues:
             series = due.series
             if due.start_ms <= series.final_floor:
                 continue
             # frame_prefix's output, with the data written once (`_data`)
-            prefix = f'{_HEAD}{due.data},"ts":{ts_ms},'
-            key = (series.service, due.start_ms // 1000)
-            self.frames += 1
-            for conn in conns:
-                if conn.channels & STATS:
-                    conn.offer_stats(prefix, key, flush=False)
-        for conn in conns:  # with the final frames queued for this update, if any
-            if conn.channels & STATS:
-                conn.flush()
+            prefixes.append(f'{_HEAD}{due.data},"ts":{ts_ms},')
+            keys.append((series.service, due.start_ms // 1000))
+        self.frames += len(prefixes)
+        for conn in conns:
+            if not conn.channels & STATS or (prefixes and conn.write_stats(prefixes)):
+                continue
+            for prefix, key in zip(prefixes, keys, strict=True):
+                conn.offer_stats(prefix, key, flush=False)
+            conn.flush()  # with the final frames queued for this update, if any
 
     def _flush(self, user_id: str) -> None:
         """Write what the user's stats connections have queued (their final frames)."""

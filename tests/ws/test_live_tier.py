@@ -71,6 +71,14 @@ class FakeConn:
     def flush(self) -> None:
         self.writes += 1
 
+    def write_stats(self, prefixes: list[str]) -> bool:
+        """The direct path (nothing queued here): each frame, keyed as offered, one write."""
+        for prefix in prefixes:
+            update = decode_server_frame(f'{prefix}"seq":1}}')[1]
+            self.offered.append((prefix, (update.service, int(update.window_start.timestamp()))))
+        self.writes += 1
+        return True
+
     def updates(self) -> list[StatsUpdate]:
         return [decode_server_frame(f'{prefix}"seq":1}}')[1] for prefix, _ in self.offered]
 
@@ -361,9 +369,10 @@ _TIMES = ("window_start", "window_end", "as_of")
     st.integers(-3000, 6999)), min_size=1, max_size=40))
 def test_a_frame_is_the_stats_update_msgspec_would_write(
         events: list[tuple[int, float, int, int, float, int]]) -> None:
-    """The tier writes its frames' data as one f-string (`LiveTier._data`, for speed): it
-    must decode to the figures of the events, and be the document msgspec writes for them
-    (the same keys in the same order, the same values)."""
+    """The tier writes its frames' data from a cached head and a numbers-only struct
+    (`LiveTier._data`, for speed): it must decode to the figures of the events, and be the
+    document msgspec writes for their `StatsUpdate` (the same keys in the same order, the
+    same values)."""
     live, _, conns = tier("alice")
     live.fold([(b"alice", event(status=status, latency=latency, tokens_in=tin, tokens_out=tout,
                                 cost_usd=cost, ts=int(NOW * 1000) + offset))

@@ -82,6 +82,45 @@ def test_stats_coalesce_latest_wins() -> None:
     assert stats.stats_coalesced == 1
 
 
+class BatchWriter:
+    """A writer that takes any number of frames at once (as uvicorn_fast's does)."""
+
+    batches = True
+    closed = False
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.writes: list[list[str]] = []
+
+    def write(self, text: str) -> bool:
+        self.writes.append([text])
+        return True
+
+    def writelines(self, texts: list[str]) -> bool:
+        self.writes.append(texts)
+        return True
+
+
+def test_stats_are_written_at_once_only_with_nothing_queued_ahead() -> None:
+    sock, stats, writer = FakeSocket(), BridgeStats(), BatchWriter()
+    clock = ManualClock()
+    conn = Connection(sock, "c1", "alice", (), max_queue=8,  # type: ignore[arg-type]
+                      bucket=TokenBucket(1, 1, clock), usage_bucket=TokenBucket(1, 1, clock),
+                      stats=stats, writer=writer)  # type: ignore[arg-type]
+    assert not conn.write_stats(['{"v":0,'])  # not open yet: nothing written, nothing taken
+    conn.start()
+    assert conn.write_stats(['{"v":1,', '{"v":2,'])
+    assert writer.writes == [['{"v":1,"seq":1}', '{"v":2,"seq":2}']]
+    conn.offer_stats('{"final":1,', ("openai", 10), flush=False)  # queued (a held final)
+    assert not conn.write_stats(['{"v":3,'])  # behind it: the caller offers instead
+    writer.paused = True
+    conn.queue.clear()
+    assert not conn.write_stats(['{"v":4,'])  # a paused writer takes nothing
+    writer.paused = False
+    assert conn.write_stats(['{"v":5,'])
+    assert writer.writes[-1] == ['{"v":5,"seq":3}'] and stats.frames_out == 3
+
+
 def test_must_frames_overflow_closes_4008_and_memory_is_bounded() -> None:
     conn, sock, stats = make(max_queue=4)
     for i in range(4):
