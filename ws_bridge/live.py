@@ -64,7 +64,6 @@ from core.clock import Clock, system_clock
 from core.settings import Settings
 from core.telemetry import Described
 from schemas.events import MIN_TS_MS, SERVICE_PATTERN
-from schemas.stats import StatsRecord
 from schemas.ws import StatsUpdate
 from ws_bridge.connection import STATS, Connection
 from ws_bridge.registry import Registry
@@ -741,8 +740,3 @@ _encode = msgspec.json.Encoder().encode
 _update = msgspec.json.Decoder(StatsUpdate).decode
 _HEAD = '{"event":"usage_stats_update","data":'
 
-
-def final_body(record: StatsRecord) -> msgspec.Raw:
-    """A final record's `usage_stats_update` data: the record with `"final":true` (its
-    fields as encoded, so no conversion to `StatsUpdate`)."""
-    return msgspec.Raw(_encode(record)[:-1] + b',"final":true}')

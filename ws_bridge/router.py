@@ -52,7 +52,6 @@ from ws_bridge.connection import (
 from ws_bridge.connection import (
     NOTIFICATIONS as NOTIFICATIONS_BIT,
 )
-from ws_bridge.live import final_body
 from ws_bridge.registry import Registry
 from ws_bridge.stats import BridgeStats
 
@@ -154,9 +153,13 @@ class Router:
             if rec.user_id != user_id:
                 return None
             window = int(rec.window_start.timestamp())
-            # `"final": true`: it replaces the live tier's provisional figures (live.py)
+            # `"final": true`: it replaces the live tier's provisional figures (live.py).
+            # The record goes as it came, once checked (a JSON object: it ends with "}" but
+            # for whitespace); a close brings 30,000 of them at 10,000 users, and encoding
+            # each again cost a third of its handling.
+            data = value.rstrip()[:-1].decode() + ',"final":true}'
             return Routed(user_id, STATS, Mode.STATS,
-                          frame_prefix("usage_stats_update", final_body(rec), ts),
+                          f'{{"event":"usage_stats_update","data":{data},"ts":{ts},',
                           coalesce=(rec.service, window))
         if kind is Kind.ALERTS:
             alert = _alert.decode(value)

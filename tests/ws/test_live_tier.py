@@ -30,12 +30,13 @@ from core.clock import ManualClock
 from core.limits import TokenBucket
 from core.settings import Settings, load
 from schemas.stats import StatsRecord
-from schemas.ws import StatsUpdate, decode_server_frame, frame_prefix
+from schemas.ws import StatsUpdate, decode_server_frame
 from tests.ws import kafka_helpers as kh
 from tests.ws.harness import expect, login, quiet, recv, send
 from ws_bridge.connection import ALERTS, STATS, Connection
-from ws_bridge.live import LIVE_DESCRIBED, MAX_IDS, RAW_MAX, LiveTier, final_body
+from ws_bridge.live import LIVE_DESCRIBED, MAX_IDS, RAW_MAX, LiveTier
 from ws_bridge.registry import Registry
+from ws_bridge.router import Kind, Router
 from ws_bridge.stats import BridgeStats
 
 _enc = msgspec.json.Encoder()
@@ -430,12 +431,21 @@ def test_every_counter_is_described() -> None:
     assert set(live.counters()) == set(LIVE_DESCRIBED)
 
 
-def test_final_frames_say_final() -> None:
-    record = msgspec.json.decode(kh.stats("alice"), type=StatsRecord)
-    frame, data = decode_server_frame(
-        frame_prefix("usage_stats_update", final_body(record), 1) + '"seq":1}')
-    assert frame.event == "usage_stats_update"
-    assert data.final is True and data.requests == record.requests
+def test_final_frames_say_final_and_carry_the_record_as_written() -> None:
+    settings = load(dev=True, kafka_bootstrap="127.0.0.1:1")
+    registry = Registry(max_per_user=5, alerts_topic="a", notifications_topic="n",
+                        apikeys_topic="k")
+    router = Router(settings, registry, BridgeStats(), ManualClock(NOW))
+    value = kh.stats("alice") + b" \n"
+    record = msgspec.json.decode(value, type=StatsRecord)
+    routed = router.prepare(Kind.STATS, b"alice", value, 7)
+    assert routed is not None
+    frame, data = decode_server_frame(routed.prefix + '"seq":1}')
+    assert frame.event == "usage_stats_update" and frame.ts == int(NOW * 1000)
+    assert msgspec.structs.asdict(data) == {**msgspec.structs.asdict(record), "final": True,
+                                            "as_of": None, "deduplicated": True}
+    assert routed.coalesce == (record.service, int(record.window_start.timestamp()))
+    assert router.prepare(Kind.STATS, b"bob", value, 8) is None  # another user's record
 
 
 # -- the bridge, with the real broker ---------------------------------------------------
