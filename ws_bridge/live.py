@@ -460,16 +460,17 @@ class LiveTier:
 
     def hold(self, conn: Connection) -> None:
         """`conn` has final frames queued: they go out with its user's next update (the
-        user is made due if nothing of theirs is), or at the latest HOLD_S from now (the
-        safety net, for a user the tier does not keep; loop only)."""
+        user is made due if nothing of theirs is), or HOLD_S from now for a user the tier
+        does not keep (loop only). A pending series is never swept: it is taken, and its
+        user's stats connections are written then, with or without provisional frames."""
         services = self._users.get(conn.key)
-        if services:
+        if services:  # a pending series is taken (and the user's connections written) soon
             with self.lock:
                 for series in services.values():
                     if series.pending:
-                        break
-                else:
-                    self._schedule(next(iter(services.values())))
+                        return
+                self._schedule(next(iter(services.values())))
+            return
         self._held.append((time.monotonic() + HOLD_S, conn))
 
     def _write_held(self) -> None:
