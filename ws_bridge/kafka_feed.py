@@ -7,9 +7,11 @@ only messages whose key (the user_id) has an open connection here; `activity` me
 only for users who subscribed to it. Kept messages are decoded and encoded off the loop
 (`Router.prepare`) and handed over with one `call_soon_threadsafe` per batch.
 
-The live tier (ws_bridge/live.py) is fed here too, on this thread: `usage.events` messages of
-users with a `stats` subscriber are folded into its windows, and each final stats record is
-reported to it before its frame is dispatched.
+The live tier (ws_bridge/live.py) is fed from here, on the loop and in Kafka's order:
+`usage.events` messages of users with a `stats` subscriber are folded into its windows as
+each batch arrives; final stats records wait in a queue of their own and are decoded, closed
+in the tier (before their frames are offered) and offered a slice at a time, yielding to the
+tier's provisional frames while it has some to send (`_finish`).
 """
 
 from __future__ import annotations
@@ -270,10 +272,11 @@ class KafkaFeed:
             self._routing = False
 
     def _finish(self) -> None:
-        """Handle waiting final stats records for FINALS_SLICE_S: decode and check them,
-        close their windows in the live tier (before their frames are offered, so no
-        provisional frame follows a final one), offer their frames; then let the loop run,
-        and come back after FINALS_GAP_S while the live tier is busy."""
+        """Handle waiting final stats records for FINALS_SLICE_S: decode and check them and
+        hand them to the live tier, which closes their windows (so no provisional frame
+        follows a final one) and sends each with its user's next update; offer those it
+        does not keep (or all, without a tier). Then let the loop run, and come back after
+        FINALS_GAP_S while the live tier is busy."""
         finals = self._finals
         live = self.live
         router = self.router
@@ -286,9 +289,11 @@ class KafkaFeed:
                     routed = router.prepare(Kind.STATS, key, value, offset, timestamp=timestamp)
                     if routed is not None:
                         batch.append(routed)
-                if live is not None:
-                    live.finalize([(r.user_id, *r.coalesce) for r in batch])
-                router.dispatch(batch, hold=live.hold if live is not None else None)
+                if live is not None:  # it keeps them for its users' next updates
+                    left = live.close([(r.user_id, *r.coalesce, r.prefix) for r in batch])
+                    batch = [batch[i] for i in left]
+                if batch:
+                    router.dispatch(batch, hold=live.hold if live is not None else None)
                 if time.perf_counter() >= deadline:
                     break
         except Exception:  # the records taken are lost, not the path

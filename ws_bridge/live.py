@@ -22,15 +22,17 @@ loop for the GIL and fell seconds behind at 20,000 events/s):
 - A loop timer (`TICK_S`, 50 ms) takes the due buckets' users; then, in slices of `SLICE_S`
   of loop time, it takes a few dozen of them at a time (their figures as they are then, not
   as at the tick: a backlog does not make frames stale), encodes each frame once (per user,
-  service and window) and offers a user's frames to their stats connections through the
-  coalescing stats path (`Connection.offer_stats`, same key as the final: a queued
-  provisional frame is replaced by a newer one or by the final), one socket write per
-  connection. A user's services whose last update is as old go along with the due one, so
-  their rhythm becomes the user's.
-- A final frame (`hold`) waits, queued, for its user's next update (at most `interval`
-  away: the user is made due if nothing of theirs is) and goes out in that same write,
-  taken and written in slices as the provisional frames are; one of a user the tier does
-  not keep (past a bound) is written HOLD_S later.
+  service and window: a cached head and a numbers-only struct, `_data`) and writes a user's
+  frames to each of their stats connections in one write: straight to the socket when
+  nothing is queued there (`Connection.write_stats`), else through the coalescing stats path
+  (`Connection.offer_stats`, same key as the final: a queued provisional frame is replaced
+  by a newer one or by the final). A user's services whose last update is as old go along
+  with the due one, so their rhythm becomes the user's.
+- A final frame (`close`) waits in its (user, service) for the user's next update (at most
+  `interval` away: the series is made due if it is not) and goes out first in that same
+  write, taken and written in slices as the provisional frames are; one of a user the tier
+  does not keep (past a bound) is queued on the connections by the router and written at
+  the latest HOLD_S later (`hold`).
 - Idle users and expired windows are swept a slice per tick, a round every `SWEEP_S`.
 
 Everything is bounded: services per user (`max_services_per_user`), open windows per
@@ -74,9 +76,9 @@ TICK_S = 0.05  # how often the loop takes what is due (frames wait at most this 
 INTERVAL_S = 1.0  # at most one provisional frame per (user, service) per interval
 # A window's close brings a final frame for every (user, service) at once: writing them at
 # once (one write per user) stalled the loop, and the provisional frames behind it, for most
-# of a second at 10,000 users; so each waits, queued, for its user's next update (at most
-# `interval`: `hold` makes the user due). A final frame that has no update to wait for (its
-# user is past a bound of the tier) is written at the latest this long after.
+# of a second at 10,000 users; so each waits for its user's next update (at most `interval`:
+# `close` makes the series due). A final frame the tier cannot keep (its user is past a
+# bound) is queued on the connections and written at the latest this long after (`hold`).
 HOLD_S = 2.0
 MARGIN_S = 10.0  # a window is dropped once older than window + lateness + this
 SWEEP_S = 1.0  # how often expired windows and unwatched users are dropped (a round of sweeps
@@ -202,8 +204,8 @@ class Window:
 class Series:
     """One (user, service): its open windows and when its last frame went out."""
 
-    __slots__ = ("due_index", "final_floor", "last_emit", "pending", "service", "siblings",
-                 "user_id", "windows")
+    __slots__ = ("due_index", "final_floor", "finals", "last_emit", "pending", "service",
+                 "siblings", "user_id", "windows")
 
     def __init__(self, user_id: str, service: str, siblings: dict[str, Series]) -> None:
         self.user_id = user_id
@@ -214,18 +216,22 @@ class Series:
         self.final_floor = -1  # start (ms) of the newest window whose final record passed
         self.pending = False  # has news, in the bucket of tick `due_index` (LiveTier._due)
         self.due_index = 0
+        # final frames (window start in s → frame prefix) to go with the user's next update
+        self.finals: dict[int, str] | None = None
 
 
 class Due:
-    """A provisional frame to send: its window's figures as they were taken, as the JSON
-    text of the frame's data (`LiveTier.update` reads it back as a `StatsUpdate`)."""
+    """A frame to send: a provisional one (its window's figures as they were taken, as the
+    JSON text of the frame's data: `LiveTier.update` reads it back as a `StatsUpdate`), or a
+    final one (`prefix`: the frame as the router prepared it)."""
 
-    __slots__ = ("data", "series", "start_ms")
+    __slots__ = ("data", "prefix", "series", "start_ms")
 
-    def __init__(self, series: Series, start_ms: int, data: str) -> None:
+    def __init__(self, series: Series, start_ms: int, data: str, prefix: str = "") -> None:
         self.series = series
         self.start_ms = start_ms
         self.data = data
+        self.prefix = prefix
 
 
 class LiveTier:
@@ -412,25 +418,53 @@ class LiveTier:
         """Final records (user_id, service, window start in epoch seconds) passed: their
         windows (and older ones) are dropped, and later events for them are not counted.
         Called before the final frames are dispatched, so a provisional frame taken after
-        this is never sent after the final one (`_deliver` checks the floor too)."""
+        this is never sent after the final one (`deliver_user` checks the floor too)."""
         with self.lock:
             for user_id, service, window_s in finals:
-                key = user_id.encode()
-                services = self._users.get(key)
-                if services is None:
-                    services = self._users[key] = {}
-                series = services.get(service)
+                self._close_window(user_id, service, window_s)
+
+    def close(self, finals: list[tuple[str, str, int, str]]) -> list[int]:
+        """Final records (user_id, service, window start in s, frame prefix) passed: as
+        `finalize`, and each frame waits in its (user, service) to go out with the user's
+        next update (the series is made due if it is not: within `interval`), in the same
+        write, taken and written in slices as the provisional frames are (loop only). Returns
+        the indexes of those it cannot keep (past a bound): the caller sends them."""
+        left: list[int] = []
+        with self.lock:
+            for index, (user_id, service, window_s, prefix) in enumerate(finals):
+                series = self._close_window(user_id, service, window_s)
                 if series is None:
-                    series = self._new_series(services, key, user_id, service)
-                    if series is None:
-                        continue
-                start = window_s * 1000
-                if start > series.final_floor:
-                    series.final_floor = start
-                windows = series.windows
-                if windows:
-                    for old in [s for s in windows if s <= start]:
-                        self._drop_window(series, old)
+                    left.append(index)
+                    continue
+                waiting = series.finals
+                if waiting is None:
+                    series.finals = {window_s: prefix}
+                else:
+                    waiting[window_s] = prefix  # a record again (a replay): the newest
+                if not series.pending:
+                    self._schedule(series)
+        return left
+
+    def _close_window(self, user_id: str, service: str, window_s: int) -> Series | None:
+        """Under the lock: the window's final record passed (see `finalize`); its series, or
+        None if the tier does not keep it (past a bound)."""
+        key = user_id.encode()
+        services = self._users.get(key)
+        if services is None:
+            services = self._users[key] = {}
+        series = services.get(service)
+        if series is None:
+            series = self._new_series(services, key, user_id, service)
+            if series is None:
+                return None
+        start = window_s * 1000
+        if start > series.final_floor:
+            series.final_floor = start
+        windows = series.windows
+        if windows:
+            for old in [s for s in windows if s <= start]:
+                self._drop_window(series, old)
+        return series
 
     def _drop_window(self, series: Series, start: int) -> None:
         window = series.windows.pop(start)
@@ -452,6 +486,14 @@ class LiveTier:
         self._backlog.clear()
         while self._held:  # what waited goes out now
             self._held.popleft()[1].flush()
+        for services in self._users.values():  # and the final frames waiting in the tier
+            finals = [Due(series, window_s * 1000, "", prefix)
+                      for series in services.values() if series.finals
+                      for window_s, prefix in series.finals.items()]
+            if finals:
+                self.deliver_user(finals, 0)
+            for series in services.values():
+                series.finals = None
 
     @property
     def busy(self) -> bool:
@@ -580,6 +622,11 @@ class LiveTier:
         due: list[Due] = []
         interval = self.interval
         for series in siblings.values():
+            finals = series.finals
+            if finals:  # final frames go with this update, the series due or not
+                series.finals = None
+                for window_s in sorted(finals):
+                    due.append(Due(series, window_s * 1000, "", finals[window_s]))
             if now - series.last_emit < interval:
                 continue
             series.last_emit = now
@@ -646,24 +693,28 @@ class LiveTier:
         self.deliver_user([due], ts_ms)
 
     def deliver_user(self, dues: list[Due], ts_ms: int) -> None:
-        """Encode each due frame (all of one user) once and write them to the user's stats
-        connections, in one write per connection: at once if nothing is queued there, else
-        offered after what is (the final frames waiting for this update, `hold`) and written
-        with it. A frame whose window's final record passed meanwhile is left out (the final
-        frame must stay the last)."""
+        """Encode each due frame (all of one user) once and write them, the final ones first,
+        to the user's stats connections, in one write per connection: at once if nothing is
+        queued there, else offered after what is (coalesced by (service, window): a slow
+        socket gets the newest) and written with it. A provisional frame whose window's
+        final record passed meanwhile is left out (the final frame must stay the last)."""
         conns = self.registry.by_user.get(dues[0].series.user_id)
         if not conns:
             return
         prefixes: list[str] = []
         keys: list[tuple[str, int]] = []
+        provisional = 0
         for due in dues:
             series = due.series
-            if due.start_ms <= series.final_floor:
+            if due.prefix:  # a final frame
+                prefixes.append(due.prefix)
+            elif due.start_ms <= series.final_floor:
                 continue
-            # frame_prefix's output, with the data written once (`_data`)
-            prefixes.append(f'{_HEAD}{due.data},"ts":{ts_ms},')
+            else:  # frame_prefix's output, with the data written once (`_data`)
+                prefixes.append(f'{_HEAD}{due.data},"ts":{ts_ms},')
+                provisional += 1
             keys.append((series.service, due.start_ms // 1000))
-        self.frames += len(prefixes)
+        self.frames += provisional
         for conn in conns:
             if not conn.channels & STATS or (prefixes and conn.write_stats(prefixes)):
                 continue

@@ -107,6 +107,18 @@ def emit(live: LiveTier, clock: ManualClock) -> int:
     return len(due)
 
 
+def emit_by_user(live: LiveTier, clock: ManualClock) -> int:
+    """`emit`, a user's frames written together (one write per connection), as the timer
+    does: the frames delivered."""
+    now = math.floor(clock() / live.tick) * live.tick
+    by_user: dict[str, list[Any]] = {}
+    for item in live.collect(now):
+        by_user.setdefault(item.series.user_id, []).append(item)
+    for items in by_user.values():
+        live.deliver_user(items, int(clock() * 1000))
+    return sum(map(len, by_user.values()))
+
+
 # -- units ------------------------------------------------------------------------------
 
 
@@ -238,6 +250,53 @@ def test_final_record_replaces_and_late_events_stay_out() -> None:
     for item in due:
         live.deliver(item, 0)
     assert len(conns["alice"].offered) == 1
+
+
+def final_prefix(user: str, service: str, window_s: int, requests: int) -> str:
+    """A final frame's prefix, as the router prepares it for a record of this window."""
+    start = datetime.fromtimestamp(window_s, tz=UTC)
+    record = msgspec.structs.replace(
+        msgspec.json.decode(kh.stats(user, service, requests=requests), type=StatsRecord),
+        window_start=start, window_end=datetime.fromtimestamp(window_s + 10, tz=UTC))
+    return f'{{"event":"usage_stats_update","data":{_enc.encode(record)[:-1].decode()},' \
+           '"final":true},"ts":1,'
+
+
+def test_final_frames_wait_for_the_next_update_and_go_first_in_its_write() -> None:
+    live, clock, conns = tier("alice")
+    live.max_services = 1
+    live.fold([(b"alice", event(ts=int(clock() * 1000) - 5000))])  # the previous window
+    emit_by_user(live, clock)  # its provisional frame
+    writes = conns["alice"].writes
+    live.fold([(b"alice", event(ts=int(clock() * 1000) + 2000))])  # this window
+    previous = int(NOW - 3) - 10
+    left = live.close([
+        ("alice", "openai", previous, final_prefix("alice", "openai", previous, 1)),
+        ("alice", "openai", previous, final_prefix("alice", "openai", previous, 2)),  # again
+        ("alice", "mistral", previous, "x")])  # past the service bound: the caller sends it
+    assert left == [2] and live.overflow == 1
+    assert emit_by_user(live, clock) == 0  # not due yet: at most one update a second
+    assert conns["alice"].writes == writes
+    clock.advance(1)
+    emit_by_user(live, clock)
+    assert conns["alice"].writes == writes + 1  # the final and the provisional: one write
+    final, provisional = conns["alice"].offered[-2:]
+    assert final[0] == final_prefix("alice", "openai", previous, 2)  # the newest record
+    assert final[1] == ("openai", previous)
+    assert provisional[1] == ("openai", int(NOW - 3))
+    live.fold([(b"alice", event(ts=int(clock() * 1000) - 8000))])  # late, in the final window
+    clock.advance(1)
+    assert emit_by_user(live, clock) == 0 and live.late == 1  # no provisional frame after the final
+
+
+def test_a_final_alone_goes_out_within_the_interval() -> None:
+    live, clock, conns = tier("alice")
+    window = int(NOW - 3)
+    assert live.close([("alice", "openai", window, final_prefix("alice", "openai", window, 0))
+                       ]) == []
+    emit_by_user(live, clock)  # a series never sent: due at once
+    assert len(conns["alice"].offered) == 1 and conns["alice"].writes == 1
+    assert conns["alice"].offered[0][1] == ("openai", window)
 
 
 def test_both_windows_in_one_update_around_a_boundary() -> None:
