@@ -38,12 +38,15 @@ logger = logging.getLogger(__name__)
 
 ROUTE_SLICE = 256  # prepared messages offered per turn of the event loop
 # A window's close brings a final stats record for every watched (user, service) at once
-# (30,000 at 10,000 users): they are decoded, closed in the live tier and offered on the
-# loop a slice at a time, at most FINALS_SLICE_S of every FINALS_GAP_S while the live tier
-# has provisional frames to send (so those never wait behind a close), back to back when it
-# has none. A final frame waits for its user's next update anyway (live.py).
-FINALS_SLICE_S = 0.002
+# (30,000 at 10,000 users): they are decoded and handed to the live tier on the loop a slice
+# at a time: a slice of FINALS_SLICE_S, then FINALS_GAP_S for the rest while the tier has
+# provisional frames to send (so those do not wait behind a close: with 2 ms slices the
+# close still showed in their p99, docs/benchmarks.md), back to back when it has none or
+# when more than FINALS_BACKLOG records wait (so they cannot pile up without end). A final
+# frame waits for its user's next update anyway (live.py).
+FINALS_SLICE_S = 0.001
 FINALS_GAP_S = 0.01
+FINALS_BACKLOG = 60_000
 
 METADATA_TIMEOUT_S = 10.0
 REFRESH_S = 5.0
@@ -276,7 +279,7 @@ class KafkaFeed:
         hand them to the live tier, which closes their windows (so no provisional frame
         follows a final one) and sends each with its user's next update; offer those it
         does not keep (or all, without a tier). Then let the loop run, and come back after
-        FINALS_GAP_S while the live tier is busy."""
+        FINALS_GAP_S while the live tier is busy (see FINALS_BACKLOG)."""
         finals = self._finals
         live = self.live
         router = self.router
@@ -300,7 +303,7 @@ class KafkaFeed:
             logger.exception("final stats records failed")
         loop = self._loop
         if finals and loop is not None:
-            if live is not None and live.busy:
+            if live is not None and live.busy and len(finals) < FINALS_BACKLOG:
                 loop.call_later(FINALS_GAP_S, self._finish)
             else:
                 loop.call_soon(self._finish)
