@@ -294,6 +294,11 @@ class KafkaFeed:
                         batch.append(routed)
                 if live is not None:  # it keeps them for its users' next updates
                     left = live.close([(r.user_id, *r.coalesce, r.prefix) for r in batch])
+                    kept = len(batch) - len(left)
+                    if kept:  # counted as routed when handed over (written ≤ 1 s later)
+                        self.stats.messages_routed += kept
+                        if not left:
+                            self.stats.delivered(batch)
                     batch = [batch[i] for i in left]
                 if batch:
                     router.dispatch(batch, hold=live.hold if live is not None else None)
