@@ -31,6 +31,7 @@ export const usage = {
   liveUpTo: 0,
   summary: null,
   rows: [],
+  rowsAt: 0, // when the rows were asked (ms)
   loading: null,
 };
 
@@ -63,6 +64,7 @@ export async function loadUsage() {
     if (usage.loading !== token) return; // a newer load is under way
     usage.services = services;
     usage.rows = breakdown.rows;
+    usage.rowsAt = askedAt;
     usage.summary = summary;
     usage.history = new Map();
     wanted.forEach((service, i) => {
@@ -256,6 +258,10 @@ function renderKpis(totals) {
     h("td", {}, fmt.ms(r.latency_p95_ms)), h("td", {}, fmt.ms(r.latency_p99_ms)),
     h("td", {}, fmt.compact(r.tokens_in + r.tokens_out)), h("td", {}, fmt.usd(r.cost_usd)))));
   if (!usage.rows.length) body.append(h("tr", {}, h("td", { colspan: 7, class: "empty" }, "No requests in this range.")));
+  // The table is the store's figures as last asked (every minute), the cards above move live.
+  $("#services-asof").textContent = usage.rows.length && usage.rowsAt
+    ? `Stored figures as of ${fmt.clock(usage.rowsAt)}, refreshed every minute; the cards and charts above also count the live windows.`
+    : "";
 }
 
 function renderFreshness() {
