@@ -221,14 +221,7 @@ class Connection:
         writer = self.writer
         if not writer.batches or writer.paused:
             return False
-        seq = start = self.seq
-        texts: list[str] = []
-        for prefix in prefixes:
-            seq += 1
-            texts.append(f'{prefix}"seq":{seq}}}')
-        self.seq = seq
-        self.stats.frames_out += seq - start
-        writer.writelines(texts)
+        self._write_all(prefixes)
         return True
 
     def offer_broadcast(self, prefix: str) -> bool:
@@ -301,27 +294,33 @@ class Connection:
             self.stats.frames_out += 1
             writer.write(f'{queue.pop()}"seq":{seq}}}')
             return
-        seq = start = self.seq
         if writer.batches:  # all of them, in one write
-            texts: list[str] = []
-            for item in queue:
-                prefix = self._prefix(item)
-                if prefix is not None:
-                    seq += 1
-                    texts.append(f'{prefix}"seq":{seq}}}')
+            prefixes = [prefix for prefix in map(self._prefix, queue) if prefix is not None]
             queue.clear()
-            writer.writelines(texts)
-        else:  # one at a time, while the writer takes them
-            writable = True
-            while queue and writable:
-                prefix = self._prefix(queue.pop(0))
-                if prefix is not None:
-                    seq += 1
-                    writable = writer.write(f'{prefix}"seq":{seq}}}')
-            if queue:
-                writer.on_resume(self._resumed)
+            self._write_all(prefixes)
+            return
+        seq = start = self.seq
+        writable = True  # one at a time, while the writer takes them
+        while queue and writable:
+            prefix = self._prefix(queue.pop(0))
+            if prefix is not None:
+                seq += 1
+                writable = writer.write(f'{prefix}"seq":{seq}}}')
+        if queue:
+            writer.on_resume(self._resumed)
         self.seq = seq
         self.stats.frames_out += seq - start
+
+    def _write_all(self, prefixes: list[str]) -> None:
+        """Stamp `seq` on each frame and hand them all to a batching writer in one write."""
+        seq = start = self.seq
+        texts: list[str] = []
+        for prefix in prefixes:
+            seq += 1
+            texts.append(f'{prefix}"seq":{seq}}}')
+        self.seq = seq
+        self.stats.frames_out += seq - start
+        self.writer.writelines(texts)
 
     def _prefix(self, item: Any) -> str | None:
         """A queued frame's text: itself, or the latest update for a coalesced stats key."""

@@ -8,7 +8,8 @@ into one accumulator per (user, service, window) and pushes `usage_stats_update`
 two only around a window boundary); the pipeline's record (`"final": true`) replaces it at
 close.
 
-Work placement (all of it on the bridge's event loop, in Kafka's order: the Kafka thread only
+Work placement (all of it on the bridge's event loop, events in Kafka's order and final
+records a slice at a time behind them (ws_bridge/kafka_feed.py): the Kafka thread only
 consumes, filters by key and hands batches over; on a thread of its own the tier fought the
 loop for the GIL and fell seconds behind at 20,000 events/s):
 - `fold`: a cheap msgspec decode of the fields it needs (junk is skipped and counted, never
@@ -16,9 +17,10 @@ loop for the GIL and fell seconds behind at 20,000 events/s):
   raw values up to RAW_MAX per window, so its percentiles are exact, as the pipeline's are;
   past that core/sketch.py's bins, ±0.5 %). A (user, service) with news goes into the bucket
   of the tick it is due at (its last frame + `interval`).
-- `finalize` (before the final frames are dispatched) drops a window's accumulator once its
-  final record passed and remembers the window, so a late event cannot bring a provisional
-  frame back after the final one.
+- `close` (as a final record is handled) drops a window's accumulator and remembers the
+  window, so a late event cannot bring a provisional frame back after the final one, and
+  keeps the final frame for the user's next update (below); `finalize` is that bookkeeping
+  without a frame.
 - A loop timer (`TICK_S`, 50 ms) takes the due buckets' users; then, in slices of `SLICE_S`
   of loop time, it takes a few dozen of them at a time (their figures as they are then, not
   as at the tick: a backlog does not make frames stale), encodes each frame once (per user,
@@ -287,7 +289,6 @@ class LiveTier:
         window_ms = self.window_ms
         users = self._users
         decode = _decode
-        insort = bisect.insort
         schedule = self._schedule
         invalid = late = overflow = duplicates = counted = 0
         with self.lock:
@@ -364,11 +365,7 @@ class LiveTier:
                 window.latency_sum += latency
                 if latency > window.latency_max:
                     window.latency_max = latency
-                latencies = window.latencies
-                if latencies is not None and len(latencies) < RAW_MAX:
-                    insort(latencies, latency)
-                else:
-                    window.add_latency(latency)
+                window.add_latency(latency)
                 if event.tokens_in:
                     window.tokens_in += event.tokens_in
                 if event.tokens_out:
